@@ -1,0 +1,141 @@
+"""The one place that writes run artifacts: atomically, to a local path or a `s3://`/`gs://` URI.
+
+Local files are written to a temporary file in the same directory and renamed into place, so a crash
+never leaves a half-written output that a resumed run would mistake for a finished one. Object stores
+(through `pyarrow.fs`) make an object visible only when its upload completes, which gives the same
+guarantee. Every stage writes through these functions, never with a bare `open(path, "w")`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+_REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "file://")
+
+
+def is_uri(path: str | Path) -> bool:
+    return str(path).startswith(_REMOTE_SCHEMES)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """Join path parts for local paths and URIs alike."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _filesystem(uri: str):
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    return filesystem, path
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open `path` for writing; the file appears under its name only if the block succeeds."""
+    if is_uri(path):
+        filesystem, inner = _filesystem(str(path))
+        filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        buffer = io.BytesIO()
+        text = "b" not in mode
+        handle = io.TextIOWrapper(buffer, encoding="utf-8", write_through=True) if text else buffer
+        yield handle
+        with filesystem.open_output_stream(inner) as stream:
+            stream.write(buffer.getvalue())
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Compressed .npz; the bytes are built in memory, then written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_npy_dict(path: str | Path, mapping: dict) -> None:
+    """The reference's pickled-dict `.npy` format (`np.load(path, allow_pickle=True).item()`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, mapping, allow_pickle=True)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_png(path: str | Path, array: np.ndarray, palette: list[int] | None = None) -> None:
+    """A PNG from a uint8 array: palette mode (`P`) when a palette is given, else L/RGB."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+    if palette is not None:
+        image = image.convert("P")  # a 2-D uint8 array keeps its values as palette indices
+        image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
+
+
+def write_parquet(path: str | Path, table) -> None:
+    """A pyarrow Table (or a list of row dicts) as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pylist(list(table))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_bytes(path, buffer.getvalue().to_pybytes())
+
+
+def exists(path: str | Path) -> bool:
+    if is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = _filesystem(str(path))
+        return filesystem.get_file_info(inner).type != fs.FileType.NotFound
+    return Path(path).exists()
+
+
+def read_bytes(path: str | Path) -> bytes:
+    if is_uri(path):
+        filesystem, inner = _filesystem(str(path))
+        with filesystem.open_input_stream(inner) as stream:
+            return stream.read()
+    return Path(path).read_bytes()
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(read_bytes(path).decode("utf-8"))

@@ -1,0 +1,88 @@
+"""Config: YAML + dotted overrides, validated before any work (exit code 2 naming the key)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cse_ray.config import from_dict, load_config, thresholds, to_dict, with_overrides
+from cse_ray.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert from_dict(to_dict(cfg)) == cfg  # round trip through plain dicts (checkpoints, Tune)
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = load_config(None, ["data.root=/voc"])
+    assert (cfg.train_cse.lr, cfg.train_cse.batch_size, cfg.train_cse.epochs) == (0.01, 8, 15)
+    assert (cfg.train_cse.cc_init, cfg.train_cse.cc_slope, cfg.train_cse.seed) == (0.3, 0.05, 4242)
+    assert (cfg.train_cam.lr, cfg.train_cam.batch_size, cfg.train_cam.crop) == (0.1, 16, 448)
+    assert cfg.train_cse.momentum_mode == "faithful" and cfg.train_cse.mask_norm == "batch"
+    assert cfg.crf.alphas == (6.0, 10.0, 24.0)
+    assert thresholds(cfg.evaluate)[:3] == (0.1, 0.11, 0.12) and len(thresholds(cfg.evaluate)) == 30
+
+
+def test_dotted_overrides_are_typed(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["train_cse.lr=0.2", "crf.alphas=[4, 32]",
+                                                      "train_cam.use_gpu=false", "infer.scales=1.0"])
+    assert cfg.train_cse.lr == 0.2 and cfg.crf.alphas == (4.0, 32.0)
+    assert cfg.train_cam.use_gpu == "false" and cfg.infer.scales == (1.0,)
+    assert with_overrides(cfg, {"train_cse.cc_init": 0.5}).train_cse.cc_init == 0.5
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train_cse.lr=-0.1", "train_cse.lr: -0.1 is outside"),
+        ("train_cse.lrr=0.1", "train_cse.lrr: unknown key"),
+        ("crf.alpha=3", "crf.alpha: unknown key"),
+        ("infer.threshold=1.5", "infer.threshold: 1.5 is outside"),
+        ("train_cam.crop=8", "train_cam.crop: 8 is outside"),
+        ("train_cam.num_workers=0", "train_cam.num_workers: 0 is outside"),
+        ("train_cam.epochs=two", "train_cam.epochs: expected an integer"),
+        ("train_cam.bf16=maybe", "train_cam.bf16: expected true or false"),
+        ("train_cse.mask_norm=pixel", "train_cse.mask_norm: 'pixel' is not one of"),
+        ("train_cse.batch_size=7", "train_cse.batch_size: 7 is not divisible"),
+        ("evaluate.threshold_stop=0.05", "evaluate.threshold_stop"),
+        ("model=3", "model: expected a section"),
+        ("nokey", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    overrides = ["train_cse.num_workers=2"] if "divisible" in message else []
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(REPO / "configs" / "smoke.yaml", [*overrides, override])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train_cse: [unclosed\n")
+    with pytest.raises(UserError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    no_data = tmp_path / "no_data.yaml"
+    no_data.write_text("train_cse: {lr: 0.1}\n")
+    with pytest.raises(UserError, match="data.root"):
+        load_config(no_data)
+
+
+def test_cli_refuses_a_bad_config_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    for command in ("train-cam", "train-cse", "infer", "tune", "pipeline"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cse_ray.cli", command, "--config", str(REPO / "configs" / "smoke.yaml"),
+             "--out", str(tmp_path / "run"), "train_cse.lr=-1"],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "train_cse.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
