@@ -77,6 +77,17 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log (the only non-atomic write: a log may lose its last line, never more)."""
+    if is_uri(path):
+        previous = read_bytes(path).decode("utf-8") if exists(path) else ""
+        write_text(path, previous + line.rstrip("\n") + "\n")
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/evaluate.py ...`: the same arguments as `cse-ray evaluate`."""
+"""`ray job submit --working-dir . -- python jobs/evaluate.py ...`: the arguments of `cse-ray evaluate`."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py ...`: the same arguments as `cse-ray pipeline`."""
+"""`ray job submit --working-dir . -- python jobs/pipeline.py ...`: the arguments of `cse-ray pipeline`."""
 
 import sys
 from pathlib import Path

@@ -30,7 +30,8 @@ def test_formats_round_trip(tmp_path: Path) -> None:
     with np.load(tmp_path / "a.npz") as data:
         assert np.array_equal(data["cams"], cams) and data["classes"].tolist() == [3, 11]
     artifacts.write_npy_dict(tmp_path / "a.npy", {3: cams[0].astype(np.float32)})
-    assert np.array_equal(np.load(tmp_path / "a.npy", allow_pickle=True).item()[3], cams[0].astype(np.float32))
+    loaded = np.load(tmp_path / "a.npy", allow_pickle=True).item()
+    assert np.array_equal(loaded[3], cams[0].astype(np.float32))
     label = np.array([[0, 1, 255], [20, 3, 4]], np.uint8)
     artifacts.write_png(tmp_path / "l.png", label, palette=[i % 256 for i in range(768)])
     image = Image.open(tmp_path / "l.png")

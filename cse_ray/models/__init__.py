@@ -1,0 +1,116 @@
+"""The CAM classifiers (ResNet-38d and smaller variants of the same code) and their weights.
+
+`build_classifier(name)` gives a module whose `forward(images)` returns `(cam, logits)`; `load_weights`
+fills it from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in width and depth;
+all have output stride 8 and the same module names, so every tool works on all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from cse_ray.data.voc import NUM_CLASSES
+from cse_ray.errors import UserError
+from cse_ray.models.resnet38d import FEATURE_STRIDE, FROZEN_PREFIXES, HEAD_NAME, ResNet38d
+from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights
+
+__all__ = [
+    "FEATURE_STRIDE",
+    "VARIANTS",
+    "LoadReport",
+    "ResNet38d",
+    "build_classifier",
+    "convert_weights",
+    "check_backbone",
+    "count_parameters",
+    "frozen_layer_names",
+    "load_weights",
+    "param_groups",
+    "read_weights",
+]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # The published network: 105,152,832 parameters, names of shared/spec/resnet38d_state_dict.json.
+    "resnet38d": {"widths": (64, 128, 256, 512, 1024, 2048, 4096), "blocks": (3, 3, 6, 3)},
+    # A quarter of the width, full depth: ~6.6 M parameters, for CPU runs that should still learn well.
+    "resnet38d_small": {"widths": (16, 32, 64, 128, 256, 512, 1024), "blocks": (3, 3, 6, 3)},
+    # An eighth of the width, one block per stage: ~0.95 M parameters, for tests and smoke runs.
+    "resnet38d_tiny": {"widths": (8, 16, 32, 64, 128, 256, 512), "blocks": (1, 1, 1, 1)},
+}
+_OPTIONS = ("widths", "blocks", "head_dropout")
+
+
+def build_classifier(
+    name: str, num_classes: int = NUM_CLASSES, dropout: Sequence[float] = (0.2, 0.2), **options: Any
+) -> nn.Module:
+    """A CAM classifier: `forward(images) -> (cam N x C x H/8 x W/8 before ReLU, logits N x C)`.
+
+    num_classes: the 20 VOC classes unless told otherwise. dropout: Dropout2d rates in b6 and b7 (METHOD.md:
+    0.2/0.2 for OC-CSE's classifier, 0.3/0.5 for its eraser and psa). options: `head_dropout`
+    (before fc8; psa's train_cls uses 0.5, OC-CSE none) or `widths`/`blocks` overriding the variant.
+    """
+    if name not in VARIANTS:
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(VARIANTS)}")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise UserError(f"model '{name}': unknown options {unknown}; known: {', '.join(_OPTIONS)}")
+    rates = tuple(float(rate) for rate in dropout)
+    head_rate = float(options.get("head_dropout", 0.0))
+    if len(rates) != 2 or not all(0.0 <= rate < 1.0 for rate in (*rates, head_rate)):
+        raise UserError(f"model '{name}': dropout must be two rates in [0, 1) (b6, b7), got {dropout}")
+    kwargs = {**VARIANTS[name], **options}
+    try:
+        return ResNet38d(int(num_classes), dropout=rates, **kwargs)
+    except ValueError as error:
+        raise UserError(f"model '{name}': {error}") from error
+
+
+def check_backbone(name: str) -> str:
+    """Refuse an unknown `model.backbone` before any work starts."""
+    if name not in VARIANTS:
+        known = ", ".join(VARIANTS)
+        raise UserError(f"config key model.backbone: unknown model '{name}'; known models: {known}")
+    return name
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Learnable parameters (buffers such as BatchNorm running statistics excluded)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def frozen_layer_names(model: nn.Module) -> list[str]:
+    """Modules kept fixed while training (METHOD.md): conv1a, b2, b2_1, b2_2 and every BatchNorm.
+
+    Top-level stem/stage-2 modules are listed once; BatchNorms inside them are not repeated.
+    """
+    names = []
+    for name, module in model.named_modules():
+        top = name.split(".", 1)[0]
+        in_frozen_stage = any(top == prefix or top.startswith(prefix + "_") for prefix in FROZEN_PREFIXES)
+        if name == top and in_frozen_stage:
+            names.append(name)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not in_frozen_stage:
+            names.append(name)
+    return names
+
+
+def param_groups(
+    model: nn.Module, scratch: Sequence[str] = (HEAD_NAME,)
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(pretrained weights, pretrained biases, scratch weights, scratch biases), trainable ones only.
+
+    A parameter is scratch when its top-level module is in `scratch` (psa: fc8; OC-CSE: none, pass
+    `scratch=()`); parameters with requires_grad False (frozen layers) are left out, as in psa.
+    """
+    groups: tuple[list[nn.Parameter], ...] = ([], [], [], [])
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_scratch = name.split(".", 1)[0] in scratch
+        is_bias = name.rsplit(".", 1)[-1] == "bias"
+        groups[2 * int(is_scratch) + int(is_bias)].append(parameter)
+    return groups  # type: ignore[return-value]
+

@@ -1,0 +1,101 @@
+"""Training on a real local Ray cluster: train-cam then train-cse, resume, a worker fault, 1 vs 2 workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.tensorboard.summary import hparams  # noqa: F401  (tensorboard is importable)
+
+from cse_ray.config import load_config
+from cse_ray.models import build_classifier, load_weights
+from cse_ray.train import TEST_FAULT_ENV, train_cam, train_cse
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "data.synth.train=16", "data.synth.val=4", "data.synth.size=48",
+    "train_cam.crop=48", "train_cam.resize_long=[40,56]",
+    "train_cse.crop=48", "train_cse.resize_long=[40,56]",
+    "train_cam.log_every=1", "train_cse.log_every=1",
+]
+
+
+def small_config(*overrides: str):
+    return load_config(REPO / "configs" / "smoke.yaml", [*SMALL, *overrides])
+
+
+def test_train_cam_then_cse_on_two_workers(ray_session, tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    cfg = small_config("train_cam.num_workers=2", "train_cse.num_workers=2")
+    cam = train_cam(cfg, out)
+    cse = train_cse(cfg, out)
+    for stage, summary in (("train_cam", cam), ("train_cse", cse)):
+        assert [h["epoch"] for h in summary["history"]] == [1, 2]
+        assert 0.0 <= summary["best_miou"] <= 100.0
+        model = build_classifier("resnet38d_tiny")
+        report = load_weights(model, summary["model"])  # strict: every entry present
+        assert report.complete
+        assert list((tmp_path / "run" / stage / "ray" / stage).glob("checkpoint_*"))
+        assert list((tmp_path / "run" / "tensorboard" / stage).glob("events.out.tfevents.*"))
+    assert cse["history"][1]["w"] == pytest.approx(0.3 + 0.05)  # w = cc_init + cc_slope * epoch
+    classifier_record = json.loads((tmp_path / "run" / "train_cse" / "classifier.json").read_text())
+    assert classifier_record["path"].endswith("train_cam/model.pth")
+
+    # Run again: finished stages only say so.
+    events = (tmp_path / "run" / "train_cse" / "events.log").read_text()
+    assert train_cse(cfg, out)["best_epoch"] == cse["best_epoch"]
+    assert (tmp_path / "run" / "train_cse" / "events.log").read_text() == events
+
+
+def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(ray_session, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(TEST_FAULT_ENV, "2")  # rank 0 exits once at the start of epoch 2
+    out = tmp_path / "run"
+    summary = train_cam(small_config("train_cam.epochs=3"), str(out))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    starts = [line.split()[-2] for line in (out / "train_cam" / "events.log").read_text().splitlines()]
+    assert starts == ["1", "2", "2", "3"]  # epoch 2 ran again after the crash, epoch 1 did not
+
+
+def test_one_and_two_workers_see_the_same_first_step(ray_session, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = tmp_path / "classifier.pth"
+    torch.save(build_classifier("resnet38d_tiny").state_dict(), classifier)
+    losses = []
+    for workers in (1, 2):
+        cfg = small_config(
+            f"train_cse.num_workers={workers}", "train_cse.batch_size=16", "train_cse.epochs=1",
+            "train_cse.dropout=[0,0]", f"train_cse.classifier={classifier}", "train_cse.freeze=reference",
+        )
+        summary = train_cse(cfg, str(tmp_path / f"w{workers}"))
+        losses.append(summary["history"][0])  # 16 images, batch 16: the epoch is one step
+    for key in ("loss", "loss_cls", "loss_erase"):
+        assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_bad_inputs_stop_before_ray_starts(tmp_path: Path) -> None:
+    """Exit code 2 with the cause named, and no Ray session was created (its temp dir stays empty)."""
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir)}
+    env.pop("RAY_ADDRESS", None)
+    cases = [
+        (["train-cse", "train_cse.classifier=/nonexistent/od_cam.pth"],
+         "train_cse.classifier: /nonexistent/od_cam.pth not found"),
+        (["train-cam", "train_cam.batch_size=32"], "train_cam.batch_size: 32 is more than the 16 images"),
+        (["train-cam", "model.backbone=resnet99"], "unknown model 'resnet99'"),
+    ]
+    for (command, *overrides), message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cse_ray.cli", command, "--config", str(REPO / "configs" / "smoke.yaml"),
+             "--out", str(tmp_path / "run"), *SMALL, *overrides],
+            capture_output=True, text=True, env=env, cwd=REPO,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(ray_dir.iterdir())
