@@ -1,0 +1,80 @@
+"""Resolving a config's dataset: where its root is, which images each stage reads, their labels.
+
+Every stage goes through here before it starts Ray, so a missing list or a corrupt image is reported
+once, with its file name, and never half-way through a distributed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cse_ray import artifacts
+from cse_ray.config import Config
+from cse_ray.data import voc
+from cse_ray.errors import UserError
+
+LIST_KEYS = ("train_list", "val_list", "infer_list")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The images of one list with their image-level labels (20 multi-hot floats)."""
+
+    root: str
+    names: tuple[str, ...]
+    labels: dict[str, np.ndarray]
+
+
+def resolve_data_root(cfg: Config, out: str) -> str:
+    """`data.root`, or `OUT/data` for a synthetic run; generates the synthetic set when asked (idempotent)."""
+    root = cfg.data.root
+    if not root:
+        if artifacts.is_uri(out):
+            raise UserError("config key data.root: required when --out is a URI (the data must be local)")
+        root = str(Path(out) / "data")
+    if cfg.data.synth.enabled:
+        from cse_ray.data.synth import generate
+
+        s = cfg.data.synth
+        generate(
+            root,
+            train=s.train,
+            val=s.val,
+            size=s.size,
+            seed=s.seed,
+            part_strength=s.part_strength,
+            body_strength=s.body_strength,
+        )
+    elif not Path(root, "JPEGImages").is_dir():
+        raise UserError(f"config key data.root: {root} has no JPEGImages directory (not a VOC root)")
+    return root
+
+
+def load_split(
+    cfg: Config, root: str, key: str, check_images: bool = True, need_masks: bool = False
+) -> Split:
+    """Read the list named by `data.<key>`, check its images (fast, headers only) and read its labels."""
+    if key not in LIST_KEYS:
+        raise ValueError(f"unknown list key {key}")
+    path = voc.list_path(root, getattr(cfg.data, key))
+    if not Path(path).is_file():
+        raise UserError(f"config key data.{key}: list file {path} not found")
+    names = voc.read_list(path)
+    if not names:
+        raise UserError(f"config key data.{key}: list file {path} is empty")
+    if check_images:
+        voc.check_images(root, names)
+    if need_masks:
+        sbd = cfg.data.sbd_root or None
+        missing = [n for n in names if not Path(voc.mask_path(root, n, sbd)).is_file()]
+        if missing:
+            raise UserError(
+                f"config key data.{key}: {len(missing)} images of {path} have no ground-truth mask, "
+                f"e.g. {voc.mask_path(root, missing[0], sbd)}"
+            )
+    cache = Path(root, "cls_labels.npy") if not artifacts.is_uri(root) else None
+    labels = voc.read_image_labels(root, names, cache_path=cache, sbd_root=cfg.data.sbd_root or None)
+    return Split(root=root, names=tuple(names), labels=labels)
