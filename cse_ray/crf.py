@@ -1,0 +1,149 @@
+"""Dense CRF refinement of multi-scale CAMs (psa's parameters), per image and for all alphas at once.
+
+METHOD.md: background score = (1 - max over classes) ** alpha; [background, class maps] are treated as
+probabilities; unary = -log(probs); DenseCRF2D with a Gaussian term (sxy 3, compat 3) and a bilateral
+term (sxy 80, srgb 13, compat 10) on the original RGB image; 10 mean-field iterations; argmax.
+
+The probabilities are clipped to [PROB_FLOOR, 1] before the log, as pydensecrf's own
+`unary_from_softmax` (which the reference calls) does by default: a class map that is exactly 0
+would otherwise give an infinite unary. The stack is not renormalised, as in the reference.
+
+This module imports no torch and no Ray, so a CRF worker process starts quickly; the Ray task that
+wraps `crf_alphas_task` lives in `cse_ray.infer`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cse_ray import artifacts
+from cse_ray.config import CrfConfig
+from cse_ray.data.voc import VOC_PALETTE
+
+PROB_FLOOR = 1e-5
+
+
+def alpha_dir(alpha: float) -> str:
+    """Folder name of one alpha's label maps: `a6`, `a10`, `a0.5` (crf/a{alpha:g}/NAME.png)."""
+    return f"a{alpha:g}"
+
+
+def crf_rel(alpha: float, name: str) -> str:
+    """Where one alpha's label map goes, relative to the run directory."""
+    return f"crf/{alpha_dir(alpha)}/{name}.png"
+
+
+def crf_seed_rel(alpha: float, name: str) -> str:
+    """The reference-format `{0: bg, k + 1: class k}` marginals, relative to the run directory."""
+    return f"crf_seed/{alpha_dir(alpha)}/{name}.npy"
+
+
+def pseudo_rel(name: str) -> str:
+    return f"pseudo_labels/{name}.png"
+
+
+def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H x W x 3 image, got {image.dtype} {image.shape}")
+    if cams.ndim != 3 or cams.shape[0] != len(classes) or cams.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"cams of shape {cams.shape} do not match {len(classes)} classes and image {image.shape[:2]}"
+        )
+
+
+def crf_probabilities(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], alpha: float,
+                      params: CrfConfig) -> np.ndarray:
+    """The CRF's marginals, float32 (K+1) x H x W: row 0 background, row i+1 the class `classes[i]`."""
+    import pydensecrf.densecrf as dcrf
+
+    _check_inputs(image, cams, classes)
+    height, width = image.shape[:2]
+    cams = np.asarray(cams, np.float32)
+    if cams.shape[0] == 0:  # nothing present: background everywhere, no need for the CRF
+        return np.ones((1, height, width), np.float32)
+    background = np.power(1.0 - cams.max(axis=0, keepdims=True), alpha)
+    probs = np.concatenate([background, cams], axis=0)
+    labels = probs.shape[0]
+    unary = -np.log(np.clip(probs, PROB_FLOOR, 1.0)).reshape(labels, -1)
+    crf = dcrf.DenseCRF2D(width, height, labels)  # the image copy below: pydensecrf needs a writable array
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.array(image, dtype=np.uint8, order="C"), compat=params.bilateral_compat)
+    marginals = crf.inference(params.iterations)
+    return np.asarray(marginals, np.float32).reshape(labels, height, width)
+
+
+def probabilities_to_label(probs: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """uint8 H x W: argmax over [background, classes], mapped back to 0 = bg, k + 1 = class k."""
+    lookup = np.concatenate([[0], np.asarray(classes, np.int64) + 1]).astype(np.uint8)
+    return lookup[probs.argmax(axis=0)]
+
+
+def crf_refine(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], alpha: float,
+               params: CrfConfig) -> np.ndarray:
+    """uint8 H x W label map (0 background, k + 1 for class k) of the dense CRF at one alpha."""
+    return probabilities_to_label(crf_probabilities(image, cams, classes, alpha, params), classes)
+
+
+def crf_probs_seed_dict(probs: np.ndarray, classes: Sequence[int]) -> dict[int, np.ndarray]:
+    """The reference's CRF `.npy` dict: `{0: background, k + 1: class k}` of float32 H x W marginals."""
+    seed = {0: np.asarray(probs[0], np.float32)}
+    for row, k in enumerate(classes, start=1):
+        seed[int(k) + 1] = np.asarray(probs[row], np.float32)
+    return seed
+
+
+def _node_id() -> str:
+    """The Ray node this runs on; "local" outside Ray (without importing Ray, which is slow)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "local"
+    return ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class CrfResult:
+    """What one image's CRF task reports back (seconds and the paths it wrote, relative to out)."""
+
+    name: str
+    crf: list[str] = field(default_factory=list)
+    crf_seed: list[str] = field(default_factory=list)
+    pseudo_label: str | None = None
+    crf_s: float = 0.0
+    write_s: float = 0.0
+    node: str = "local"
+
+
+def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], name: str, out: str,
+                    alphas: Sequence[float], params: CrfConfig, pseudo_alpha: float | None = None,
+                    save_seed: bool = False) -> CrfResult:
+    """Run the CRF at every alpha on one image and write each label map (and seed dict) atomically.
+
+    One call per image (rather than per alpha) so that the image and CAMs cross the object store
+    once. With `pseudo_alpha`, that alpha's label map is also written as `pseudo_labels/NAME.png`.
+    """
+    result = CrfResult(name=name, node=_node_id())
+    for alpha in alphas:
+        start = time.perf_counter()
+        probs = crf_probabilities(image, cams, classes, alpha, params)
+        label = probabilities_to_label(probs, classes)
+        middle = time.perf_counter()
+        rel = crf_rel(alpha, name)
+        artifacts.write_png(artifacts.join(out, rel), label, VOC_PALETTE)
+        result.crf.append(rel)
+        if save_seed:
+            rel_seed = crf_seed_rel(alpha, name)
+            artifacts.write_npy_dict(artifacts.join(out, rel_seed), crf_probs_seed_dict(probs, classes))
+            result.crf_seed.append(rel_seed)
+        if pseudo_alpha is not None and float(alpha) == float(pseudo_alpha):
+            result.pseudo_label = pseudo_rel(name)
+            artifacts.write_png(artifacts.join(out, result.pseudo_label), label, VOC_PALETTE)
+        result.crf_s += middle - start
+        result.write_s += time.perf_counter() - middle
+    return result
