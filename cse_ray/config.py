@@ -108,7 +108,7 @@ class TrainCseConfig(TrainCamConfig):
 class InferConfig:
     """Multi-scale CAM inference on a pool of Ray actors."""
 
-    checkpoint: str = ""  # empty = this run's train_cse result
+    checkpoint: str = ""  # empty = OUT/train_cse/model.pth (the eraser trained with the same --out)
     scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     num_actors: int = field(default=1, metadata=_range(1))
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -119,6 +119,10 @@ class InferConfig:
     save_seed: bool = False  # also write the reference's .npy dicts
     overlays: int = field(default=0, metadata=_range(0))  # CAM overlay PNGs for the first N images
     max_restarts: int = field(default=2, metadata=_range(0))
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
+    # Extra Ray resources each CAM actor asks for, e.g. {cam: 0.01} to keep them on the GPU nodes
+    # of cluster.yaml (docs/CLUSTER.md); empty on one machine.
+    cam_resources: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class CrfConfig:
     bilateral_srgb: float = field(default=13.0, metadata=_range(0.0, lo_open=True))
     bilateral_compat: float = field(default=10.0, metadata=_range(0.0))
     cpus_per_task: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # Extra Ray resources each CRF (and pseudo-label) task asks for, e.g. {crf: 0.01} for the CPU
+    # nodes of cluster.yaml; empty on one machine.
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -352,6 +359,14 @@ def validate(cfg: Config) -> Config:
         for p in t.dropout:
             if not 0.0 <= p < 1.0:
                 raise UserError(f"config key {stage}.dropout: {p} is outside [0, 1)")
+    extra_resources = (("infer.cam_resources", cfg.infer.cam_resources), ("crf.resources", cfg.crf.resources))
+    for key, mapping in extra_resources:
+        for name, amount in mapping.items():
+            if name in ("CPU", "GPU", "memory") or not isinstance(amount, (int, float)) or amount <= 0:
+                raise UserError(
+                    f"config key {key}.{name}: expected a custom resource name with a positive amount "
+                    f"(CPU/GPU have their own keys), got {amount!r}"
+                )
     e = cfg.evaluate
     if e.threshold_stop < e.threshold_start:
         raise UserError("config key evaluate.threshold_stop: must be >= evaluate.threshold_start")

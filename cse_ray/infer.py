@@ -306,8 +306,14 @@ def _prepare(cfg: Config, out: str, checkpoint: str | None, list_name: str | Non
     from cse_ray.data.voc import list_path, read_list
 
     checkpoint = checkpoint or cfg.infer.checkpoint
-    if not checkpoint:
-        raise UserError("config key infer.checkpoint: empty; give the CAM network's checkpoint (.pth)")
+    if not checkpoint:  # the eraser trained into the same run directory, when there is one
+        trained = artifacts.join(out, "train_cse", "model.pth")
+        if not artifacts.exists(trained):
+            raise UserError(
+                f"config key infer.checkpoint: empty, and {trained} does not exist; give the CAM "
+                "network's checkpoint (.pth), or run train-cse with the same --out first"
+            )
+        checkpoint = trained
     if not artifacts.exists(checkpoint):
         raise UserError(f"config key infer.checkpoint: {checkpoint}: file not found")
     alphas = tuple(dict.fromkeys(float(a) for a in cfg.crf.alphas))
@@ -475,11 +481,14 @@ def _scheduling_options(kind: str, cfg: Config, use_gpu: bool) -> dict:
                    "max_task_retries": -1}  # in-flight images are retried on the restarted actor
         if use_gpu:
             options["num_gpus"] = cfg.infer.gpus_per_actor
+        if cfg.infer.cam_resources:
+            options["resources"] = dict(cfg.infer.cam_resources)
         return options
+    extra = {"resources": dict(cfg.crf.resources)} if cfg.crf.resources else {}
     if kind == "crf":
-        return {"num_cpus": cfg.crf.cpus_per_task, "max_retries": 3}
+        return {"num_cpus": cfg.crf.cpus_per_task, "max_retries": 3, **extra}
     if kind == "pseudo":
-        return {"num_cpus": 1, "max_retries": 3}
+        return {"num_cpus": 1, "max_retries": 3, **extra}
     raise ValueError(f"unknown kind {kind}")
 
 
@@ -490,18 +499,28 @@ def _check_resources(cfg: Config, use_gpu: bool) -> None:
     total = ray.cluster_resources()
     need = cfg.infer.num_actors * cfg.infer.cpus_per_actor + (cfg.crf.cpus_per_task if cfg.crf.enabled else 0)
     gpus = cfg.infer.num_actors * cfg.infer.gpus_per_actor if use_gpu else 0.0
-    short = need > total.get("CPU", 0) + 1e-9 or gpus > total.get("GPU", 0) + 1e-9
-    if not short:
+    messages = []
+    if need > total.get("CPU", 0) + 1e-9 or gpus > total.get("GPU", 0) + 1e-9:
+        messages.append(
+            f"config keys infer.num_actors x infer.cpus_per_actor + crf.cpus_per_task = {need:g} CPUs"
+            + (f" and {gpus:g} GPUs" if gpus else "")
+            + f", but the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
+            + " (lower them, or the CRF tasks would never get a CPU)"
+        )
+    custom = [("infer.cam_resources", cfg.infer.cam_resources)]
+    if cfg.crf.enabled:
+        custom.append(("crf.resources", cfg.crf.resources))
+    for key, wanted in custom:
+        for name, amount in wanted.items():
+            if amount > total.get(name, 0) + 1e-9:
+                messages.append(f"config key {key}.{name}: no node of the Ray cluster offers the resource "
+                                f"'{name}' (ray start --resources, or cluster.yaml's node types)")
+    if not messages:
         return
-    message = (
-        f"config keys infer.num_actors x infer.cpus_per_actor + crf.cpus_per_task = {need:g} CPUs"
-        + (f" and {gpus:g} GPUs" if gpus else "")
-        + f", but the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
-    )
     if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
-        log.warning("%s; waiting for the cluster to grow", message)
+        log.warning("%s; waiting for the cluster to grow", "; ".join(messages))
         return
-    raise UserError(message + " (lower them, or the CRF tasks would never get a CPU)")
+    raise UserError(messages[0])
 
 
 # ------------------------------------------------------------------------------------- the driver
@@ -539,7 +558,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
     out = str(out)
     plan = _prepare(cfg, out, checkpoint, list_name, write_pseudo)
     ensure_ray()
-    use_gpu = cfg.infer.gpus_per_actor > 0 and resolve_use_gpu("auto")
+    use_gpu = cfg.infer.gpus_per_actor > 0 and resolve_use_gpu(cfg.infer.use_gpu)
     _check_resources(cfg, use_gpu)
     artifacts.write_json(artifacts.join(out, SETTINGS_FILE), plan.settings)
 

@@ -213,6 +213,8 @@ def contact_sheet(rows, titles: Sequence[str], cell: int = 128, pad: int = 4) ->
     for r, row in enumerate(rows):
         for c, array in enumerate(row):
             tile = Image.fromarray(array)
-            tile.thumbnail((cell, cell))
+            scale = cell / max(tile.size)  # up or down to the cell, keeping the aspect ratio
+            tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+                               Image.Resampling.NEAREST)
             sheet.paste(tile, (pad + c * (cell + pad), header + pad + r * (cell + pad)))
     return sheet

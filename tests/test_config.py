@@ -86,3 +86,21 @@ def test_cli_refuses_a_bad_config_with_exit_2_and_no_traceback(tmp_path: Path) -
         assert proc.returncode == 2, proc.stderr
         assert "train_cse.lr" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_the_config_reference_lists_every_key() -> None:
+    import dataclasses
+
+    from cse_ray.config import Config
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    reference = (REPO / "docs" / "CONFIG.md").read_text()
+    missing = [key for key in keys(Config) if f"| `{key}` |" not in reference]
+    assert not missing, f"docs/CONFIG.md lacks {missing}"

@@ -345,3 +345,6 @@ def test_a_cluster_too_small_for_actors_and_crf_is_refused(ray_session, dataset,
     cfg = make_cfg(root, checkpoint, infer={"num_actors": 2, "cpus_per_actor": 1.0})
     with pytest.raises(UserError, match="= 3 CPUs, but the Ray cluster has 2 CPUs"):
         run_infer(cfg, str(tmp_path), progress=False)
+    cfg = make_cfg(root, checkpoint, infer={"cam_resources": {"cam": 0.01}})
+    with pytest.raises(UserError, match="infer.cam_resources.cam: no node of the Ray cluster offers"):
+        run_infer(cfg, str(tmp_path), progress=False)

@@ -1,0 +1,232 @@
+"""`ray job submit` of the whole pipeline to a real two-node Ray cluster with token authentication.
+
+Everything a user does, as separate processes: `ray start --head --block` (the head announces `cam`,
+like the GPU nodes of cluster.yaml) and `ray start --address ... --block` (a second node that
+announces `crf`, like the CPU nodes), both with `RAY_AUTH_MODE=token`; then
+`ray job submit --working-dir <repo> -- python jobs/pipeline.py --config configs/smoke.yaml ...` with
+`infer.cam_resources={cam: 0.01}` and `crf.resources={crf: 0.01}`. The job runs in the cluster's
+Python (the one that ran `ray start`), from the uploaded copy of the repository.
+
+Isolation from anything else on this machine: every port is a free one picked here, the nodes keep
+their files in a temp dir of their own, `HOME` points at a temp dir (nothing is written to `~/.ray`),
+the token is passed in `RAY_AUTH_TOKEN`, and the nodes are stopped by signalling the two `ray start`
+processes this test started; never `ray stop`, which would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 240
+START_TIMEOUT_S = 90
+
+OVERRIDES = [
+    "data.synth.train=16", "data.synth.val=6", "data.synth.size=48",
+    "train_cam.crop=48", "train_cam.resize_long=[40,56]", "train_cam.epochs=1",
+    "train_cse.crop=48", "train_cse.resize_long=[40,56]", "train_cse.epochs=1",
+    "infer.cam_resources={cam: 0.01}", "crf.resources={crf: 0.01}",
+]
+
+
+@dataclass
+class LocalCluster:
+    dashboard: str  # http://127.0.0.1:PORT, the job API
+    env: dict[str, str]  # what every client process needs: token mode, the token, a private HOME
+    token: str
+    logs: list[Path]
+
+    def get(self, path: str, token: str | None = None) -> dict:
+        request = urllib.request.Request(self.dashboard + path)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A `ray` CLI command against this cluster, as a user would type it (with the token set)."""
+        return subprocess.run([RAY, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_for_line(process: subprocess.Popen, log: Path, text: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise RuntimeError(f"{log.name}: no {text!r} (exit code {process.poll()}):\n{log.read_text()[-4000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM makes `ray start --block` stop its node; its process group gets SIGKILL if that hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # leftovers of this node only (its own session)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    base = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a limit
+    home = base / "home"
+    home.mkdir()
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc.
+    env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PYTHONUNBUFFERED="1",
+               RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM stops a node at once
+    gcs, dashboard, client, head_agent, worker_agent = _free_ports(5)
+    # (Ray turns --node-ip-address 127.0.0.1 into this machine's own address; both stay on this machine.)
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+              "--object-store-memory", str(100 * 1024 * 1024)]
+    head_cmd = [
+        RAY, "start", "--head", *common, "--port", str(gcs), "--temp-dir", str(base / "rt"),
+        "--num-cpus", "2", "--resources", '{"cam": 10}',
+        "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(head_agent),
+    ]
+    worker_cmd = [
+        RAY, "start", "--address", f"127.0.0.1:{gcs}", *common,
+        "--num-cpus", "1", "--resources", '{"crf": 10}', "--dashboard-agent-listen-port", str(worker_agent),
+    ]
+    logs = [base / "head.log", base / "worker.log"]
+    processes: list[subprocess.Popen] = []
+    try:
+        for cmd, log in zip((head_cmd, worker_cmd), logs):
+            with open(log, "w") as handle:
+                processes.append(subprocess.Popen(cmd, env=env, cwd=base, stdout=handle,
+                                                  stderr=subprocess.STDOUT, start_new_session=True))
+            _wait_for_line(processes[-1], log, "Ray runtime started")
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", env, token, logs)
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _alive_nodes(cluster: LocalCluster) -> list[dict]:
+    reply = cluster.get("/api/v0/nodes?limit=100&detail=1", token=cluster.token)
+    return [node for node in reply["data"]["result"]["result"] if node["state"] == "ALIVE"]
+
+
+def _submit(cluster: LocalCluster, submission_id: str, entrypoint: list[str]) -> str:
+    """`ray job submit --no-wait`; returns what the CLI printed."""
+    submitted = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+                            "--submission-id", submission_id, "--no-wait", "--", *entrypoint)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    return submitted.stdout + submitted.stderr
+
+
+def _wait_for_job(cluster: LocalCluster, submission_id: str) -> dict:
+    """The job's record once it SUCCEEDED; its logs and the nodes' logs in the failure otherwise."""
+    status, info = "PENDING", {}
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(2)
+        info = cluster.get(f"/api/jobs/{submission_id}", token=cluster.token)
+        status = info["status"]
+    if status != "SUCCEEDED":
+        logs = cluster.ray("job", "logs", "--address", cluster.dashboard, submission_id)
+        nodes_tail = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in cluster.logs)
+        pytest.fail(f"job {submission_id} {status}: {info.get('message')}\n--- job logs\n"
+                    f"{logs.stdout[-8000:]}{logs.stderr[-2000:]}\n{nodes_tail}")
+    return info
+
+
+def test_the_job_api_wants_the_token(cluster: LocalCluster) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        cluster.get("/api/jobs/")
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        cluster.get("/api/jobs/", token=secrets.token_hex(32))
+    assert wrong.value.code in (401, 403)
+    assert isinstance(cluster.get("/api/jobs/", token=cluster.token), list)
+
+
+def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while len(nodes := _alive_nodes(cluster)) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    by_role = {("head" if node["is_head_node"] else "second"): node for node in nodes}
+    assert len(nodes) == 2 and set(by_role) == {"head", "second"}
+    assert by_role["head"]["resources_total"].get("cam") == 10
+    assert by_role["second"]["resources_total"].get("crf") == 10
+
+    out = tmp_path / "run"
+    entrypoint = [sys.executable, "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--out", str(out),
+                  *OVERRIDES]
+    upload_notes = _submit(cluster, "pipeline-1", entrypoint)
+
+    info = _wait_for_job(cluster, "pipeline-1")
+    assert info["driver_node_id"] == by_role["head"]["node_id"]  # the entrypoint runs on the head
+
+    report = json.loads((out / "report.json").read_text())
+    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
+        assert 0.0 <= report[key] <= 100.0, key
+    assert report["best_alpha"] in (6.0, 10.0) and 0.0 <= report["best_threshold"] <= 1.0
+
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(rows) == 6 and {row["status"] for row in rows} == {"ok"}
+    assert {row["cam_node"] for row in rows} == {by_role["head"]["node_id"]}
+    assert {row["crf_node"] for row in rows} == {by_role["second"]["node_id"]}
+    assert len(list((out / "pseudo_labels").glob("*.png"))) == 6
+
+    # What the job ran: the uploaded copy of the repository, without the virtualenv or run folders.
+    assert "Uploading package" in upload_notes
+    packages = [p for p in Path(cluster.logs[0].parent, "rt").glob(
+        "session_2*/runtime_resources/working_dir_files/*") if p.is_dir()]
+    assert len(packages) == 1, packages
+    shipped = {p.relative_to(packages[0]).parts[0] for p in packages[0].rglob("*")}
+    assert {"cse_ray", "jobs", "configs"} <= shipped
+    assert not shipped & {".venv", ".git", "runs", "data"}, shipped
+    assert sum(p.stat().st_size for p in packages[0].rglob("*") if p.is_file()) < 20 * 1024 * 1024
+
+    # Resuming is the same command with the same --out: the finished run is reported, nothing redone.
+    manifest_mtime = (out / "manifest.parquet").stat().st_mtime_ns
+    _submit(cluster, "pipeline-2", entrypoint)
+    _wait_for_job(cluster, "pipeline-2")
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "pipeline-2")
+    assert "already finished" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert (out / "manifest.parquet").stat().st_mtime_ns == manifest_mtime
+    assert json.loads((out / "report.json").read_text()) == report

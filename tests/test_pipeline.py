@@ -1,0 +1,97 @@
+"""The whole chain as one run on a real local Ray: what `cse-ray pipeline --out RUN_DIR` leaves, and a rerun.
+
+configs/smoke.yaml, shrunk further (16 training and 6 validation images of 48 pixels, one epoch per
+stage), runs data -> train-cam -> train-cse -> infer + CRF -> evaluate -> pseudo-labels -> report.
+The checks follow INTERFACE.md's promise for the run directory; the numbers themselves mean little
+on so small a run, so they are checked for consistency with the evaluation files, not for size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cse_ray.config import load_config, thresholds
+from cse_ray.data.voc import CATEGORY_NAMES, VOC_PALETTE, read_list
+from cse_ray.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "data.synth.train=16", "data.synth.val=6", "data.synth.size=48",
+    "train_cam.crop=48", "train_cam.resize_long=[40,56]", "train_cam.epochs=1",
+    "train_cse.crop=48", "train_cse.resize_long=[40,56]", "train_cse.epochs=1",
+]
+REPORT_KEYS = ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou", "best_threshold", "best_alpha")
+
+
+def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
+    ray_session, tmp_path: Path, capsys
+) -> None:
+    cfg = load_config(REPO / "configs" / "smoke.yaml", SMALL)
+    out = tmp_path / "run"
+    report = run_pipeline(cfg, str(out))
+
+    # report.json: INTERFACE.md's keys, in percent, the same as what run_pipeline returned.
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
+        assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
+    assert report["best_threshold"] in thresholds(cfg.evaluate)
+    assert report["best_alpha"] in cfg.crf.alphas
+
+    # The evaluation files behind the report.
+    evals = {}
+    for stem in ("ordinary_cam", "cse_cam", *(f"cse_crf_a{alpha:g}" for alpha in cfg.crf.alphas)):
+        evals[stem] = json.loads((out / "eval" / f"{stem}.json").read_text())
+        assert sorted(evals[stem]["per_class"]) == sorted(CATEGORY_NAMES), stem
+        assert evals[stem]["num_images"] == 6, stem
+    assert report["ordinary_cam_miou"] == pytest.approx(evals["ordinary_cam"]["miou"], abs=1e-3)
+    assert report["cse_cam_miou"] == pytest.approx(evals["cse_cam"]["miou"], abs=1e-3)
+    assert report["best_threshold"] == evals["cse_cam"]["threshold"]
+    assert report["cse_crf_miou"] == pytest.approx(
+        evals[f"cse_crf_a{report['best_alpha']:g}"]["miou"], abs=1e-3)
+    assert report["cse_crf_miou"] == pytest.approx(
+        max(evals[f"cse_crf_a{alpha:g}"]["miou"] for alpha in cfg.crf.alphas), abs=1e-3)
+    assert len(evals["cse_cam"]["curve"]) == len(thresholds(cfg.evaluate))
+
+    # A palette PNG for every image of the inference list, the size of its image.
+    data = out / "data"
+    names = read_list(data / "ImageSets" / "Segmentation" / f"{cfg.data.infer_list}.txt")
+    assert len(names) == 6
+    assert sorted(p.stem for p in (out / "pseudo_labels").glob("*.png")) == sorted(names)
+    for name in names:
+        with Image.open(out / "pseudo_labels" / f"{name}.png") as label, \
+                Image.open(data / "JPEGImages" / f"{name}.jpg") as image:
+            assert label.mode == "P" and label.size == image.size
+            assert label.getpalette()[:63] == VOC_PALETTE[:63]
+            assert set(np.unique(np.asarray(label)).tolist()) <= set(range(21))
+
+    # One manifest row per inferred image, pointing at its pseudo-label.
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(row["name"] for row in rows) == sorted(names)
+    assert {row["status"] for row in rows} == {"ok"}
+    assert all(row["pseudo_label"] == f"pseudo_labels/{row['name']}.png" for row in rows)
+    assert {(row["pseudo_source"], row["pseudo_value"]) for row in rows} == {("crf", report["best_alpha"])}
+
+    with Image.open(out / "contact_sheet.png") as sheet:
+        sheet.load()
+        assert sheet.width > 0 and sheet.height > 0
+
+    # The same command again: the report is there, so nothing runs and nothing is rewritten.
+    watched = [out / "report.json", out / "manifest.parquet", out / "train_cam" / "events.log",
+               out / "train_cse" / "events.log", out / "pseudo_labels" / f"{names[0]}.png"]
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in watched}
+    capsys.readouterr()
+    assert run_pipeline(cfg, str(out)) == report
+    assert "already finished" in capsys.readouterr().out
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in watched} == before
+    leftovers = [Path(folder, name) for folder, _, files in os.walk(out) for name in files
+                 if name.startswith(".") and "ray" not in Path(folder).relative_to(out).parts]
+    assert not leftovers  # no temp files of the atomic writes (Ray Train's own folders aside)
