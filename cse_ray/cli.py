@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="long side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     synth.add_argument("--part-strength", type=float, default=1.0, help="salience of the part, 0..1")
-    synth.add_argument("--body-strength", type=float, default=1.0, help="salience of the body, 0..1")
+    synth.add_argument("--body-strength", type=float, default=0.8, help="salience of the body, 0..1")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

@@ -39,7 +39,7 @@ class SynthConfig:
     size: int = field(default=128, metadata=_range(32))
     seed: int = field(default=0, metadata=_range(0))
     part_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
-    body_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class TrainCamConfig:
     momentum_mode: str = field(default="faithful", metadata=_choices("faithful", "fixed"))
     crop: int = field(default=448, metadata=_range(16))
     resize_long: tuple[int, int] = (256, 448)
+    jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
     dropout: tuple[float, float] = (0.2, 0.2)  # b6, b7
     # "reference": conv1a, b2* and every BatchNorm frozen (psa/OC-CSE, needs pretrained weights);
     # "none": everything trains (for networks trained from scratch, e.g. on the synthetic set).
@@ -356,6 +357,8 @@ def validate(cfg: Config) -> Config:
         low, high = t.resize_long
         if not 16 <= low <= high:
             raise UserError(f"config key {stage}.resize_long: need 16 <= low <= high, got {t.resize_long}")
+        if not all(0.0 <= j <= 1.0 for j in t.jitter) or t.jitter[3] > 0.5:
+            raise UserError(f"config key {stage}.jitter: need values in [0, 1] and hue <= 0.5, got {t.jitter}")
         for p in t.dropout:
             if not 0.0 <= p < 1.0:
                 raise UserError(f"config key {stage}.dropout: {p} is outside [0, 1)")

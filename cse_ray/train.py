@@ -315,6 +315,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dataset = TrainDataset(
         inputs.train.root, inputs.train.names, inputs.train.labels, crop=scfg.crop,
         resize_long=scfg.resize_long, seed=scfg.seed,
+        jitter_strength=dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)),
     )
     per_worker = scfg.batch_size // world
     sampler = DistributedSampler(

@@ -1,0 +1,122 @@
+"""Torch datasets over a VOC-layout root: augmented crops for training, plain images for inference."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cse_ray.data import transforms
+from cse_ray.data.voc import NUM_CLASSES, image_path, load_image, validate_name
+from cse_ray.errors import UserError
+
+
+def _checked_labels(names: Sequence[str], labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [name for name in names if name not in labels]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise UserError(
+            f"{len(missing)} images have no image-level label (first: {shown}); regenerate the labels file"
+        )
+    checked = {}
+    for name in names:
+        vec = np.asarray(labels[name], np.float32).reshape(-1)
+        if vec.shape != (NUM_CLASSES,):
+            raise UserError(f"label of {name!r} has {vec.size} entries, expected {NUM_CLASSES}")
+        checked[name] = vec
+    return checked
+
+
+class TrainDataset(Dataset):
+    """Augmented training crops: random long-side resize, flip, colour jitter, normalise, crop with zero pad.
+
+    Item i in epoch e draws from an rng seeded by (seed, epoch, i), so a run is reproducible regardless of
+    worker count or order. Call `set_epoch(e)` before each epoch (DataLoader workers get a fresh copy of the
+    dataset each epoch unless `persistent_workers=True`, in which case set the epoch before creating them).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        names: Sequence[str],
+        labels: dict[str, np.ndarray],
+        crop: int,
+        resize_long: tuple[int, int] | None = (256, 448),
+        flip: bool = True,
+        jitter: bool = True,
+        seed: int = 0,
+        jitter_strength: dict[str, float] | None = None,
+    ) -> None:
+        self.root = root
+        self.names = [validate_name(name) for name in names]
+        self.labels = _checked_labels(self.names, labels)
+        if crop <= 0:
+            raise UserError(f"crop must be positive, got {crop}")
+        if resize_long is not None and not 0 < resize_long[0] <= resize_long[1]:
+            raise UserError(f"resize_long must be (low, high) with 0 < low <= high, got {resize_long}")
+        self.crop = int(crop)
+        self.resize_long = resize_long
+        self.flip = flip
+        self.jitter = jitter
+        self.jitter_strength = dict(jitter_strength or {})
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rng_for(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def augment(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """uint8 HxWx3 -> float32 3 x crop x crop, the METHOD.md order of operations."""
+        if self.resize_long is not None:
+            img = transforms.random_resize_long(img, rng, *self.resize_long)
+        if self.flip:
+            img = transforms.random_flip(img, rng)
+        if self.jitter:
+            img = transforms.color_jitter(img, rng, **self.jitter_strength)
+        img = transforms.random_crop_pad(transforms.normalize(img), rng, self.crop)
+        return transforms.to_chw(img)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.names[index]
+        img = load_image(image_path(self.root, name))
+        chw = self.augment(img, self.rng_for(index))
+        return torch.from_numpy(chw), torch.from_numpy(self.labels[name].copy())
+
+
+class ImageDataset(Dataset):
+    """Un-augmented images for inference and validation: dicts {"name", "image" uint8 HxWx3, "label"}.
+
+    `labels=None` is allowed for unlabelled inference; the "label" entry is then absent.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, names: Sequence[str], labels: dict[str, np.ndarray] | None = None
+    ) -> None:
+        self.root = root
+        self.names = [validate_name(name) for name in names]
+        self.labels = _checked_labels(self.names, labels) if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.names):
+            raise IndexError(index)
+        name = self.names[index]
+        item = {"name": name, "image": load_image(image_path(self.root, name))}
+        if self.labels is not None:
+            item["label"] = self.labels[name].copy()
+        return item
+
+    def __iter__(self) -> Iterator[dict]:
+        for index in range(len(self.names)):
+            yield self[index]
