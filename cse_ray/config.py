@@ -358,7 +358,7 @@ def validate(cfg: Config) -> Config:
         if not 16 <= low <= high:
             raise UserError(f"config key {stage}.resize_long: need 16 <= low <= high, got {t.resize_long}")
         if not all(0.0 <= j <= 1.0 for j in t.jitter) or t.jitter[3] > 0.5:
-            raise UserError(f"config key {stage}.jitter: need values in [0, 1] and hue <= 0.5, got {t.jitter}")
+            raise UserError(f"config key {stage}.jitter: need values in [0, 1], hue <= 0.5; got {t.jitter}")
         for p in t.dropout:
             if not 0.0 <= p < 1.0:
                 raise UserError(f"config key {stage}.dropout: {p} is outside [0, 1)")
