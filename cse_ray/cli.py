@@ -109,33 +109,22 @@ def run(args: argparse.Namespace) -> None:
         _run_stage(args.command, cfg, out)
 
 
+STAGE_FUNCTIONS = {
+    "train-cam": ("cse_ray.train", "train_cam"),
+    "train-cse": ("cse_ray.train", "train_cse"),
+    "train": ("cse_ray.train", "train_both"),
+    "infer": ("cse_ray.infer", "run_infer"),
+    "tune": ("cse_ray.tune", "run_tune"),
+    "pipeline": ("cse_ray.pipeline", "run_pipeline"),
+}
+"""Each config command calls one `function(cfg, out)`, imported only when that command runs."""
+
+
 def _run_stage(command: str, cfg, out: str) -> None:
-    if command == "train-cam":
-        from cse_ray.train import train_cam
+    import importlib
 
-        train_cam(cfg, out)
-    elif command == "train-cse":
-        from cse_ray.train import train_cse
-
-        train_cse(cfg, out)
-    elif command == "train":
-        from cse_ray.train import train_both
-
-        train_both(cfg, out)
-    elif command == "infer":
-        from cse_ray.infer import run_infer
-
-        run_infer(cfg, out)
-    elif command == "tune":
-        from cse_ray.tune import run_tune
-
-        run_tune(cfg, out)
-    elif command == "pipeline":
-        from cse_ray.pipeline import run_pipeline
-
-        run_pipeline(cfg, out)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise UserError(f"unknown command {command}")
+    module, function = STAGE_FUNCTIONS[command]
+    getattr(importlib.import_module(module), function)(cfg, out)
 
 
 def main(argv: list[str] | None = None) -> int:

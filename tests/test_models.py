@@ -27,12 +27,7 @@ SPEC_CANDIDATES = [
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from cse_ray.optim import ERASER_SCRATCH, build_optimizer
 NUM_CLASSES = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_labels(n: int, seed: int, density: float = 0.2) -> torch.Tensor:

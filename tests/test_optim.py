@@ -11,13 +11,7 @@ from cse_ray.models import build_classifier
 from cse_ray.objective import freeze_eraser_layers
 from cse_ray.optim import CLASSIFIER_SCRATCH, ERASER_SCRATCH, build_optimizer, poly_factor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture

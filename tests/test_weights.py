@@ -23,12 +23,7 @@ SPEC_CANDIDATES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def spec_entries() -> list[tuple[str, list[int]]]:
