@@ -49,6 +49,8 @@ STATE_FILE = "state.pt"
 EVENTS_FILE = "events.log"  # one line per epoch start: shows resumes and restarts at a glance
 TEST_FAULT_ENV = "CSE_RAY_TEST_FAIL_AT_EPOCH"
 """Test-only fault hook: `N` makes rank 0 crash once at the start of (1-based) epoch N."""
+TEST_NAN_ENV = "CSE_RAY_TEST_NAN_AT_EPOCH"
+"""Test-only fault hook: `N` makes the loss NaN from the second step of (1-based) epoch N on."""
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -94,6 +96,7 @@ class StageInputs:
     val: Split
     classifier: str = ""
     fault_epoch: int = 0
+    nan_epoch: int = 0
     progress_bar: bool = False  # only when the driver prints to a terminal; logs get plain lines
 
 
@@ -121,7 +124,9 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
             )
         _check_same_classifier(out, classifier)
     fault = int(os.environ.get(TEST_FAULT_ENV, "0") or 0)
-    return StageInputs(stage, to_dict(cfg), out, train, val, classifier, fault, sys.stderr.isatty())
+    nan = int(os.environ.get(TEST_NAN_ENV, "0") or 0)
+    return StageInputs(stage, to_dict(cfg), out, train, val, classifier, fault, nan,
+                       progress_bar=sys.stderr.isatty())
 
 
 def _check_same_classifier(out: str, classifier: str) -> None:
@@ -356,7 +361,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         set_train_mode(trained)
         stats = run_epoch(
             trained, frozen, loader, optimizer, device, epoch, scfg, cfg, weight, steps_per_epoch,
-            show_progress=rank == 0, stage=stage, bar=inputs.progress_bar,
+            show_progress=rank == 0, stage=stage, bar=inputs.progress_bar, nan_epoch=inputs.nan_epoch,
         )
         if stats.get("nonfinite_step", -1) >= 0:
             if rank == 0:
@@ -444,7 +449,7 @@ def _test_fault_once(out: str, stage: str, epoch: int) -> None:
 
 def run_epoch(model, frozen, loader, optimizer, device, epoch: int, scfg: TrainCamConfig, cfg: Config,
               weight: float, steps_per_epoch: int, show_progress: bool, stage: str,
-              bar: bool = False) -> dict:
+              bar: bool = False, nan_epoch: int = 0) -> dict:
     """One pass over the loader. Losses stay on the device; the host reads them every `log_every` steps.
 
     `show_progress` (rank 0) reports every `log_every` steps: a progress bar when `bar`, else a line.
@@ -470,6 +475,8 @@ def run_epoch(model, frozen, loader, optimizer, device, epoch: int, scfg: TrainC
                 scores = mask_scores(indices, scfg.seed, epoch, NUM_CLASSES).to(device)
                 losses = cse_losses(model, frozen, images, labels, weight, scores=scores,
                                     normalize=cfg.train_cse.mask_norm)
+        if nan_epoch == epoch + 1 and step_in_epoch >= 1:  # test-only fault hook
+            losses["total"] = losses["total"] * float("nan")
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()

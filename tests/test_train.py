@@ -14,7 +14,7 @@ from torch.utils.tensorboard.summary import hparams  # noqa: F401  (tensorboard 
 
 from cse_ray.config import load_config
 from cse_ray.models import build_classifier, load_weights
-from cse_ray.train import TEST_FAULT_ENV, train_cam, train_cse
+from cse_ray.train import TEST_FAULT_ENV, TEST_NAN_ENV, train_cam, train_cse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +99,17 @@ def test_bad_inputs_stop_before_ray_starts(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not any(ray_dir.iterdir())
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+        ray_session, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(TEST_NAN_ENV, "2")  # the loss turns NaN at the second step of epoch 2
+    out = tmp_path / "run"
+    expected = r"NaN or infinite at step 3 \(epoch 2\).*last good checkpoint \(epoch 1\)"
+    with pytest.raises(RuntimeError, match=expected):
+        train_cam(small_config("train_cam.epochs=3"), str(out))
+    assert json.loads((out / "train_cam" / "latest.json").read_text()) == {"epoch": 1}
+    assert not (out / "train_cam" / "result.json").exists()
+    model = build_classifier("resnet38d_tiny")
+    load_weights(model, out / "train_cam" / "model.pth")  # epoch 1's weights, finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
