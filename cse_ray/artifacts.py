@@ -41,8 +41,12 @@ def _filesystem(uri: str):
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open `path` for writing; the file appears under its name only if the block succeeds."""
+def atomic_open(path: str | Path, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Open `path` for writing; the file appears under its name only if the block succeeds.
+
+    `fsync=False` skips flushing to disk before the rename: for thousands of small files that a rerun
+    can regenerate (the synthetic set), where complete-or-absent is all that matters.
+    """
     if is_uri(path):
         filesystem, inner = _filesystem(str(path))
         filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
@@ -59,16 +63,17 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
+def write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, "wb", fsync=fsync) as handle:
         handle.write(data)
 
 
