@@ -16,9 +16,9 @@ the same storage path and name), and on a finished run it only says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-import json
 import math
 import os
 import random
@@ -95,6 +95,7 @@ class StageInputs:
     train: Split
     val: Split
     classifier: str = ""
+    classifier_sha256: str = ""  # checkpoints reference the frozen classifier, never copy it
     fault_epoch: int = 0
     nan_epoch: int = 0
     progress_bar: bool = False  # only when the driver prints to a terminal; logs get plain lines
@@ -114,7 +115,7 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
         )
     if cfg.model.pretrained and not artifacts.exists(cfg.model.pretrained):
         raise UserError(f"config key model.pretrained: {cfg.model.pretrained} not found")
-    classifier = ""
+    classifier = classifier_sha256 = ""
     if stage == "train_cse":
         classifier = classifier_checkpoint(cfg, out)
         if not artifacts.exists(classifier):
@@ -122,15 +123,15 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
                 f"config key train_cse.classifier: {classifier} not found "
                 "(run train-cam first, or give a classifier checkpoint such as psa's od_cam.pth)"
             )
-        _check_same_classifier(out, classifier)
+        classifier_sha256 = _check_same_classifier(out, classifier)
     fault = int(os.environ.get(TEST_FAULT_ENV, "0") or 0)
     nan = int(os.environ.get(TEST_NAN_ENV, "0") or 0)
-    return StageInputs(stage, to_dict(cfg), out, train, val, classifier, fault, nan,
+    return StageInputs(stage, to_dict(cfg), out, train, val, classifier, classifier_sha256, fault, nan,
                        progress_bar=sys.stderr.isatty())
 
 
-def _check_same_classifier(out: str, classifier: str) -> None:
-    """A resumed eraser must keep training against the classifier it started with."""
+def _check_same_classifier(out: str, classifier: str) -> str:
+    """A resumed eraser must keep training against the classifier it started with; returns its sha256."""
     record_path = stage_path(out, "train_cse", CLASSIFIER_FILE)
     digest = file_sha256(classifier)
     if artifacts.exists(record_path):
@@ -142,6 +143,7 @@ def _check_same_classifier(out: str, classifier: str) -> None:
             )
     else:
         artifacts.write_json(record_path, {"path": str(classifier), "sha256": digest})
+    return digest
 
 
 def _storage_path(out: str, stage: str) -> str:
@@ -343,7 +345,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trained = ray.train.torch.prepare_model(model) if world > 1 else model
     writer = _tensorboard(out, stage) if rank == 0 else None
     meta = {"stage": stage, "backbone": cfg.model.backbone, "classifier": inputs.classifier,
-            "config": inputs.config}
+            "classifier_sha256": inputs.classifier_sha256, "config": inputs.config}
     if rank == 0 and state.epoch:
         print(f"{stage}: resuming after epoch {state.epoch} of {scfg.epochs}")
 
@@ -464,7 +466,7 @@ def run_epoch(model, frozen, loader, optimizer, device, epoch: int, scfg: TrainC
     images_seen = 0
     start = time.perf_counter()
     progress = _progress(steps_per_epoch, f"{stage} epoch {epoch + 1}") if show_progress and bar else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if scfg.bf16 else _null()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if scfg.bf16 else contextlib.nullcontext()
     for step_in_epoch, (images, labels, indices) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -514,14 +516,6 @@ def run_epoch(model, frozen, loader, optimizer, device, epoch: int, scfg: TrainC
     stats["images_per_s"] = images_seen * _world(dist) / seconds
     stats["nonfinite_step"] = _min_bad_step(first_bad, dist)
     return stats
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _world(dist) -> int:
@@ -604,7 +598,3 @@ def _log_epoch(writer, record: dict, model, val: Split, cfg: Config, device) -> 
         cams, _ = multiscale_cam(model, image, val.labels[name], (1.0,), device)
         writer.add_image(f"cam/{name}", cam_overlay(image, cams), epoch, dataformats="HWC")
     writer.flush()
-
-
-def summary_line(summary: dict) -> str:
-    return json.dumps({k: summary[k] for k in ("stage", "best_epoch", "best_miou", "best_threshold")})
