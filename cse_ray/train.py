@@ -151,8 +151,12 @@ def _storage_path(out: str, stage: str) -> str:
     return path if artifacts.is_uri(path) else os.path.abspath(path)
 
 
-def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = ()) -> dict:
-    """Run one training stage on Ray Train, or report that it already finished."""
+def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
+              resources_per_worker: dict[str, float] | None = None) -> dict:
+    """Run one training stage on Ray Train, or report that it already finished.
+
+    `resources_per_worker` overrides the config's CPU/GPU per worker (Tune trials pass fractions).
+    """
     result_path = stage_path(out, stage, RESULT_FILE)
     if artifacts.exists(result_path):
         summary = artifacts.read_json(result_path)
@@ -168,7 +172,11 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = ()) -> dict:
     from cse_ray.runtime import ensure_ray, resolve_use_gpu
 
     ensure_ray()
-    use_gpu = resolve_use_gpu(scfg.use_gpu)
+    if resources_per_worker is None:
+        use_gpu = resolve_use_gpu(scfg.use_gpu)
+        resources_per_worker = {"CPU": scfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    else:
+        use_gpu = resources_per_worker.get("GPU", 0) > 0
     failed_path = stage_path(out, stage, FAILED_FILE)
     if artifacts.exists(failed_path) and not artifacts.is_uri(failed_path):
         Path(failed_path).unlink()
@@ -176,8 +184,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = ()) -> dict:
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scfg.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": scfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            num_workers=scfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
         ),
         run_config=ray.train.RunConfig(
             name=stage,
