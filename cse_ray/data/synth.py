@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -463,16 +462,8 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 def _write_file(path: Path, data: bytes) -> None:
     """Atomic (temp file + rename) but without fsync: thousands of small files per run, and a file is
-    either complete or absent after a crash, which is all resuming needs. Metadata goes via artifacts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    either complete or absent after a crash, which is all resuming needs."""
+    artifacts.write_bytes(path, data, fsync=False)
 
 
 def annotation_xml(name: str, width: int, height: int, objects: list[SynthObject]) -> str:
