@@ -101,7 +101,9 @@ def main() -> None:
         results["plain loop"] = plain_loop(cfg, args.threads)
         print(f"plain loop done in {time.perf_counter() - start:.0f} s", flush=True)
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        # A locally started Ray runs workers at niceness 15 (`ray job submit` uses 0): compare at 0.
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
         for workers in sorted({1, args.workers}):
             cfg = config(args, root, workers, classifier)
             summary = fit_stage("train_cse", cfg, str(Path(tmp, f"ray{workers}")))
