@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", required=True, help="YAML config (see configs/)")
         cmd.add_argument("--out", default=None, help="run directory or s3:// URI (default runs/<config>)")
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        if name == "infer":
+            cmd.add_argument("--format", choices=("native", "seed"), default="native", dest="fmt",
+                             help="seed: also write the reference's .npy dicts (= infer.save_seed=true)")
 
     ev = sub.add_parser("evaluate", help="mIoU with background-threshold search")
     ev.add_argument("--pred", required=True, help="directory of predictions")
@@ -71,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_out(config_path: str) -> str:
     return str(Path("runs") / Path(config_path).stem)
+
+
+def command_config(args: argparse.Namespace):
+    """The validated config of a config command: the YAML, its overrides, and flag shorthands."""
+    from cse_ray.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "fmt", "native") == "seed":
+        overrides.append("infer.save_seed=true")
+    return load_config(args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -102,11 +115,7 @@ def run(args: argparse.Namespace) -> None:
         report = convert_weights(args.src, args.dst, model_name=args.model)
         print(report)
     else:
-        from cse_ray.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        out = args.out or default_out(args.config)
-        _run_stage(args.command, cfg, out)
+        _run_stage(args.command, command_config(args), args.out or default_out(args.config))
 
 
 STAGE_FUNCTIONS = {

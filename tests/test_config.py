@@ -104,3 +104,14 @@ def test_the_config_reference_lists_every_key() -> None:
     reference = (REPO / "docs" / "CONFIG.md").read_text()
     missing = [key for key in keys(Config) if f"| `{key}` |" not in reference]
     assert not missing, f"docs/CONFIG.md lacks {missing}"
+
+
+def test_infer_format_seed_is_shorthand_for_save_seed() -> None:
+    from cse_ray.cli import build_parser, command_config
+
+    args = build_parser().parse_args(
+        ["infer", "--config", str(REPO / "configs" / "smoke.yaml"), "--format", "seed", "crf.enabled=false"])
+    cfg = command_config(args)
+    assert cfg.infer.save_seed and not cfg.crf.enabled
+    plain = build_parser().parse_args(["infer", "--config", str(REPO / "configs" / "smoke.yaml")])
+    assert not command_config(plain).infer.save_seed
