@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.tensorboard.summary import hparams  # noqa: F401  (tensorboard is importable)
+from small_runs import SMALL_TRAINING
 
 from cse_ray.config import load_config
 from cse_ray.models import build_classifier, load_weights
@@ -18,12 +18,7 @@ from cse_ray.train import TEST_FAULT_ENV, TEST_NAN_ENV, train_cam, train_cse
 
 REPO = Path(__file__).resolve().parents[1]
 
-SMALL = [
-    "data.synth.train=16", "data.synth.val=4", "data.synth.size=48",
-    "train_cam.crop=48", "train_cam.resize_long=[40,56]",
-    "train_cse.crop=48", "train_cse.resize_long=[40,56]",
-    "train_cam.log_every=1", "train_cse.log_every=1",
-]
+SMALL = SMALL_TRAINING  # tests/small_runs.py
 
 
 def small_config(*overrides: str):

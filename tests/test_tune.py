@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from small_runs import SMALL_TRAINING
 
 from cse_ray.config import load_config, thresholds
 from cse_ray.errors import UserError
@@ -25,12 +26,7 @@ from cse_ray.tune import TEST_STOP_ENV, SweepInterrupted, parse_space, run_tune,
 REPO = Path(__file__).resolve().parents[1]
 TUNE_SMOKE = REPO / "configs" / "tune-smoke.yaml"
 
-SMALL = [
-    "data.synth.train=16", "data.synth.val=4", "data.synth.size=48",
-    "train_cam.crop=48", "train_cam.resize_long=[40,56]",
-    "train_cse.crop=48", "train_cse.resize_long=[40,56]",
-    "train_cam.log_every=1", "train_cse.log_every=1",
-]
+SMALL = SMALL_TRAINING  # tests/small_runs.py
 
 
 def small_config(*overrides: str):
