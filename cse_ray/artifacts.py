@@ -153,5 +153,21 @@ def read_bytes(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 
 
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, read in blocks (checkpoints are hundreds of MB), local or remote."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if is_uri(path):
+        filesystem, inner = _filesystem(str(path))
+        handle = filesystem.open_input_stream(inner)
+    else:
+        handle = open(path, "rb")
+    with handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))

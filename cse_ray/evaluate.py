@@ -34,6 +34,7 @@ and thresholds to 6; the dataclass keeps full floats.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import zipfile
@@ -465,9 +466,9 @@ def save_cam_npz(path: str | os.PathLike[str], cams: np.ndarray, classes: Sequen
 
 
 def load_cam_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a native CAM file: (cams float32 K x H x W, classes int64 K)."""
+    """Read a native CAM file, local or remote: (cams float32 K x H x W, classes int64 K)."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(io.BytesIO(artifacts.read_bytes(path)), allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise UserError(f"{path}: not an .npz archive (expected arrays 'cams' and 'classes')")
         with archive:
@@ -516,22 +517,14 @@ def load_seed_label(path: str | os.PathLike[str]) -> np.ndarray:
     return keys.astype(np.uint8)[np.argmax(stacked, axis=0)]
 
 
-def _read_gt(path: str) -> np.ndarray:
+def _read_png(path: str, what: str) -> np.ndarray:
+    """A palette/grayscale PNG of class indices; unreadable files become a UserError naming them."""
     try:
         return load_mask(path)
     except UserError:
         raise
     except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read ground-truth PNG: {error}") from None
-
-
-def _read_label_png(path: str) -> np.ndarray:
-    try:
-        return load_mask(path)
-    except UserError:
-        raise
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read label PNG: {error}") from None
+        raise UserError(f"{path}: cannot read {what} PNG: {error}") from None
 
 
 def prediction_suffix(task: str, fmt: str) -> str:
@@ -548,12 +541,12 @@ def _sweep_chunk(pred_dir: str, gt_dir: str, names: Sequence[str], task: str, fm
     suffix = prediction_suffix(task, fmt)
     for name in names:
         pred_path = os.path.join(pred_dir, name + suffix)
-        gt = _read_gt(os.path.join(gt_dir, name + ".png"))
+        gt = _read_png(os.path.join(gt_dir, name + ".png"), "ground-truth")
         if task == "cam":
             cams, classes = load_cam_npz(pred_path) if fmt == "native" else load_seed_cams(pred_path)
             sweep.add_cams(cams, classes, gt, name=name, source=pred_path)
         else:
-            label = _read_label_png(pred_path) if fmt == "native" else load_seed_label(pred_path)
+            label = _read_png(pred_path, "label") if fmt == "native" else load_seed_label(pred_path)
             sweep.add_labels(label, gt, name=name, source=pred_path)
     return sweep
 

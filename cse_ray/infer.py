@@ -30,7 +30,6 @@ recomputed bit for bit from `cams/NAME.npz` and the image. The reference-format 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -247,14 +246,6 @@ def _resolve_pseudo(cfg: Config, write_pseudo: bool,
     return "cam", float(threshold)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_state(backbone: str, checkpoint: str) -> tuple[dict, str]:
     """Build the network and load the checkpoint once in the driver, so that a wrong file or backbone is
     a UserError before any actor starts; the state dict then reaches the actors through the object
@@ -272,7 +263,7 @@ def _load_state(backbone: str, checkpoint: str) -> tuple[dict, str]:
             handle.write(artifacts.read_bytes(checkpoint))
         local = tmp
     try:
-        digest = _sha256(local)
+        digest = artifacts.file_sha256(local)
         try:
             load_weights(model, local)
         except UserError:
@@ -730,9 +721,10 @@ def _mean_seconds(rows: list[dict]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- pseudo-labels
 def load_cams(out: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 K x H x W, int64 K) from `cams/NAME.npz` (stored as float16)."""
-    with np.load(io.BytesIO(artifacts.read_bytes(artifacts.join(out, cam_rel(name))))) as data:
-        return data["cams"].astype(np.float32), data["classes"].astype(np.int64)
+    """(float32 K x H x W, int64 K) from `OUT/cams/NAME.npz` (stored as float16)."""
+    from cse_ray.evaluate import load_cam_npz
+
+    return load_cam_npz(artifacts.join(out, cam_rel(name)))
 
 
 def _pseudo_chunk(out: str, names: Sequence[str], source: str, value: float) -> list[str]:

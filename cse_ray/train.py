@@ -17,7 +17,6 @@ the same storage path and name), and on a finished run it only says so.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import os
@@ -81,10 +80,6 @@ def classifier_checkpoint(cfg: Config, out: str) -> str:
     return cfg.train_cse.classifier or stage_path(out, "train_cam", MODEL_FILE)
 
 
-def file_sha256(path: str) -> str:
-    return hashlib.sha256(artifacts.read_bytes(path)).hexdigest()
-
-
 @dataclass(frozen=True)
 class StageInputs:
     """What the workers need, checked by the driver: plain data, cheap to ship."""
@@ -133,7 +128,7 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
 def _check_same_classifier(out: str, classifier: str) -> str:
     """A resumed eraser must keep training against the classifier it started with; returns its sha256."""
     record_path = stage_path(out, "train_cse", CLASSIFIER_FILE)
-    digest = file_sha256(classifier)
+    digest = artifacts.file_sha256(classifier)
     if artifacts.exists(record_path):
         record = artifacts.read_json(record_path)
         if record["sha256"] != digest:

@@ -48,3 +48,13 @@ def test_uri_paths_go_through_pyarrow_filesystems(tmp_path: Path) -> None:
     artifacts.write_json(target, {"miou": 50.0})
     assert artifacts.exists(target) and artifacts.read_json(target) == {"miou": 50.0}
     assert (tmp_path / "remote" / "run" / "report.json").is_file()
+
+
+def test_file_sha256_streams_local_and_uri_files(tmp_path: Path) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 20000  # > one 4 MiB block
+    (tmp_path / "w.pth").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert artifacts.file_sha256(tmp_path / "w.pth") == expected
+    assert artifacts.file_sha256(f"file://{tmp_path}/w.pth") == expected
