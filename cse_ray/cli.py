@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     synth.add_argument("--part-strength", type=float, default=1.0, help="salience of the part, 0..1")
     synth.add_argument("--body-strength", type=float, default=0.8, help="salience of the body, 0..1")
+    synth.add_argument("--body-texture", choices=("class", "family"), default="class",
+                       help="family: a colour family shares one body texture (docs/SYNTHETIC.md)")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
         generate(
             args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
             part_strength=args.part_strength, body_strength=args.body_strength,
+            body_texture=args.body_texture,
         )
         print(f"synthetic dataset written to {args.out}")
     elif args.command == "data":

@@ -40,6 +40,7 @@ class SynthConfig:
     seed: int = field(default=0, metadata=_range(0))
     part_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
     body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    body_texture: str = field(default="class", metadata=_choices("class", "family"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     """The network shared by both stages (METHOD.md: same architecture for OC and eraser)."""
 
-    backbone: str = "resnet38d"  # or resnet38d_small / resnet38d_tiny for CPU
+    backbone: str = "resnet38d"  # or resnet38d_small / resnet38d_tiny / resnet38d_tiny_undilated for CPU
     pretrained: str = ""  # ImageNet weights (.params or .pth); empty = random init
 
 

@@ -164,10 +164,31 @@ def test_class_looks_make_every_class_unique() -> None:
         )
 
 
+def test_family_texture_changes_only_the_bodies_whose_class_texture_differs() -> None:
+    family = synth.make_options(body_texture="family")
+    changed = unchanged = 0
+    for index in range(8):
+        own = synth.render_sample(3, "val", index, 96)
+        shared = synth.render_sample(3, "val", index, 96, family)
+        assert np.array_equal(own.label, shared.label)
+        background = own.label == 0
+        assert np.array_equal(own.image[background], shared.image[background])
+        for obj in own.objects:
+            look = synth.CLASS_LOOKS[obj.class_index]
+            body = (own.label == obj.class_index + 1) & (own.parts == 0)
+            differs = not np.array_equal(own.image[body], shared.image[body])
+            same_texture = look.texture == synth.TEXTURES[look.family % len(synth.TEXTURES)]
+            assert differs != same_texture, look.name
+            changed += differs
+            unchanged += not differs
+    assert changed and unchanged
+
+
 @pytest.mark.parametrize(
     ("options", "key"),
     [
         ({"part_strength": 1.5}, "part_strength"),
+        ({"body_texture": "shared"}, "body_texture"),
         ({"max_objects": 4}, "max_objects"),
         ({"colour": 1}, "colour"),
     ],

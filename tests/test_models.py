@@ -82,7 +82,7 @@ def test_tiny_forward_backward_on_a_non_square_batch():
         assert model(torch.randn(1, 3, 50, 70))[0].shape == (1, 5, 7, 9)
 
 
-@pytest.mark.parametrize("name", ["resnet38d_small", "resnet38d_tiny"])
+@pytest.mark.parametrize("name", ["resnet38d_small", "resnet38d_tiny", "resnet38d_tiny_undilated"])
 def test_every_variant_keeps_output_stride_8_and_psa_names(name):
     model = build_classifier(name).eval()
     with torch.no_grad():
@@ -94,6 +94,22 @@ def test_every_variant_keeps_output_stride_8_and_psa_names(name):
     # same-shape blocks have no shortcut conv, exactly like the full network
     assert "b2_1.conv_branch1.weight" not in model.state_dict()
     assert model.feature_stride == 8
+
+
+def test_undilated_tiny_has_the_same_weights_and_a_smaller_receptive_field():
+    torch.manual_seed(0)
+    dilated = build_classifier("resnet38d_tiny").eval()
+    undilated = build_classifier("resnet38d_tiny_undilated").eval()
+    undilated.load_state_dict(dilated.state_dict())  # strict: the same names and shapes
+    images = torch.randn(1, 3, 128, 128)
+    moved = images.clone()
+    moved[:, :, 72:, 72:] += 5.0  # change only pixels >= 68 px from the top-left feature cell
+    with torch.no_grad():
+        far_cell = (slice(None), slice(None), 0, 0)
+        # dilated: the receptive field spans ~220 px (+-110), undilated ~110 px (+-55)
+        assert not torch.equal(dilated(images)[0][far_cell], dilated(moved)[0][far_cell])
+        assert torch.equal(undilated(images)[0][far_cell], undilated(moved)[0][far_cell])
+        assert not torch.equal(undilated(images)[0], undilated(moved)[0])
 
 
 def test_variants_are_smaller_than_the_full_network():

@@ -47,6 +47,7 @@ def resolve_data_root(cfg: Config, out: str) -> str:
             seed=s.seed,
             part_strength=s.part_strength,
             body_strength=s.body_strength,
+            body_texture=s.body_texture,
         )
     elif not Path(root, "JPEGImages").is_dir():
         raise UserError(f"config key data.root: {root} has no JPEGImages directory (not a VOC root)")

@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "blob", "cross")
 TEXTURES = ("plain", "stripes", "dots", "checker")
+BODY_TEXTURES = ("class", "family")
 # Approximate area of each shape in units of (half-length a) * (half-width b); sizes the part.
 _SHAPE_AREA = {
     "ellipse": math.pi,
@@ -127,6 +128,7 @@ class SynthOptions:
     jpeg_quality: int = 90
     hide_parts: bool = False
     part_masks: bool = False
+    body_texture: str = "class"
 
     def validate(self) -> SynthOptions:
         def bad(key: str, why: str) -> UserError:
@@ -153,6 +155,8 @@ class SynthOptions:
             raise bad("aspect_range", "need 0.25 <= low <= high <= 4")
         if not 0 <= self.ignore_width <= 8:
             raise bad("ignore_width", "must lie in 0..8")
+        if self.body_texture not in BODY_TEXTURES:
+            raise bad("body_texture", f"must be one of {', '.join(BODY_TEXTURES)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise bad("jpeg_quality", "must lie in 1..100")
         return self
@@ -174,6 +178,8 @@ OPTION_HELP: dict[str, str] = {
     "ignore_width": "pixels on each side of an object boundary marked 255 (ignore), 0 = none",
     "jpeg_quality": "JPEG quality (4:4:4 chroma, so the small parts keep their colours)",
     "hide_parts": "paint parts as body: the same scenes without the discriminative cue (diagnostics)",
+    "body_texture": "'class': each class has its own body texture; 'family': the classes of a colour "
+    "family share one texture, so only the silhouette (seen from afar) and the part tell them apart",
     "part_masks": "also write SegmentationPart/NAME.png (class index + 1 on part pixels) for diagnostics",
 }
 
@@ -424,7 +430,8 @@ def render_sample(
         rgb = hsv_to_rgb(*body_hsv)
         grey = np.float32(rgb @ np.array([0.299, 0.587, 0.114], np.float32))
         rgb = grey + opts.body_strength * (rgb - grey)
-        modulation = 1.0 + 0.22 * opts.body_strength * _texture(look.texture, u, v, period)
+        texture = look.texture if opts.body_texture == "class" else TEXTURES[look.family % len(TEXTURES)]
+        modulation = 1.0 + 0.22 * opts.body_strength * _texture(texture, u, v, period)
         shading = 1.0 + 0.12 * ((u * math.cos(shade_angle) + v * math.sin(shade_angle)) / max(a, 1.0))
         body_pixels = rgb[None, :] * (modulation[body] * shading[body])[:, None]
         img[body] = body_pixels + rng.normal(0, opts.body_noise, body_pixels.shape).astype(np.float32)

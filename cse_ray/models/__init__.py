@@ -1,8 +1,8 @@
 """The CAM classifiers (ResNet-38d and smaller variants of the same code) and their weights.
 
 `build_classifier(name)` gives a module whose `forward(images)` returns `(cam, logits)`; `load_weights`
-fills it from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in width and depth;
-all have output stride 8 and the same module names, so every tool works on all of them.
+fills it from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in width, depth
+and dilation; all have output stride 8 and the same module names, so every tool works on all of them.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "resnet38d_small": {"widths": (16, 32, 64, 128, 256, 512, 1024), "blocks": (3, 3, 6, 3)},
     # An eighth of the width, one block per stage: ~0.95 M parameters, for tests and smoke runs.
     "resnet38d_tiny": {"widths": (8, 16, 32, 64, 128, 256, 512), "blocks": (1, 1, 1, 1)},
+    # The tiny network without dilation: the same weights, a receptive field of ~110 px instead of ~220,
+    # so that at 128 px a feature cell does not see the whole image (the synthetic demo, docs/DEMO.md).
+    "resnet38d_tiny_undilated": {
+        "widths": (8, 16, 32, 64, 128, 256, 512), "blocks": (1, 1, 1, 1), "dilated": False,
+    },
 }
-_OPTIONS = ("widths", "blocks", "head_dropout")
+_OPTIONS = ("widths", "blocks", "head_dropout", "dilated")
 
 
 def build_classifier(

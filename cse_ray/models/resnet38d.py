@@ -106,6 +106,9 @@ class ResNet38d(nn.Module):
     half its output, the bottlenecks' inner widths are a quarter and a half of their output.
     blocks: number of blocks in stages 2..5 (b6 and b7 are always one bottleneck each).
     dropout: Dropout2d rates inside b6 and b7.
+    dilated: the published dilations (stage 5: 2, b6/b7: 4). False sets them all to 1: no parameter
+    changes, but a much smaller receptive field, for small images where a dilated network sees the
+    whole image from every feature cell (docs/DEMO.md).
     """
 
     feature_stride = FEATURE_STRIDE
@@ -117,6 +120,7 @@ class ResNet38d(nn.Module):
         blocks: Sequence[int] = (3, 3, 6, 3),
         dropout: Sequence[float] = (0.2, 0.2),
         head_dropout: float = 0.0,
+        dilated: bool = True,
     ) -> None:
         super().__init__()
         if len(widths) != 7 or len(blocks) != 4 or len(dropout) != 2:
@@ -124,6 +128,7 @@ class ResNet38d(nn.Module):
         if min(blocks) < 1 or min(widths) < 4 or num_classes < 1:
             raise ValueError("every stage needs at least one block, widths >= 4, num_classes >= 1")
         stem, w2, w3, w4, w5, w6, w7 = (int(w) for w in widths)
+        d5, d6 = (2, 4) if dilated else (1, 1)
         self.num_classes = int(num_classes)
         self.conv1a = nn.Conv2d(3, stem, 3, padding=1, bias=False)
 
@@ -132,7 +137,7 @@ class ResNet38d(nn.Module):
             (2, stem, w2, w2, 2, 1, 1),
             (3, w2, w3, w3, 2, 1, 1),
             (4, w3, w4, w4, 2, 1, 1),
-            (5, w4, w5, w5 // 2, 1, 2, 1),
+            (5, w4, w5, w5 // 2, 1, d5, 1),
         ]
         self.block_names: list[str] = []
         for (stage, width_in, width_out, width_mid, stride, dilation, first_dilation), count in zip(
@@ -150,8 +155,8 @@ class ResNet38d(nn.Module):
                 )
                 self.add_module(name, block)
                 self.block_names.append(name)
-        self.b6 = PreActBottleneck(w5, w6, dilation=4, dropout=float(dropout[0]))
-        self.b7 = PreActBottleneck(w6, w7, dilation=4, dropout=float(dropout[1]))
+        self.b6 = PreActBottleneck(w5, w6, dilation=d6, dropout=float(dropout[0]))
+        self.b7 = PreActBottleneck(w6, w7, dilation=d6, dropout=float(dropout[1]))
         self.block_names += ["b6", "b7"]
         self.bn7 = nn.BatchNorm2d(w7)
         self.head_dropout = nn.Dropout2d(head_dropout)
