@@ -24,7 +24,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (started when ray[default] is installed) serves the State API that Ray Train's
+        # placement-group cleaner polls; without it that actor prints a warning every few seconds.
+        ray.init(num_cpus=num_cpus, include_dashboard=None, log_to_driver=True)
 
 
 def cluster_has_gpus() -> bool:
