@@ -14,8 +14,9 @@ the same for all seeds unless `--vary-data`, which also sets `data.synth.seed = 
 
 Prints one row per seed (ordinary CAM, OC-CSE CAM, OC-CSE + CRF, control CAM, the two gains) and the
 mean and standard deviation over the seeds, and writes them to OUT/method.json. Every run resumes:
-rerunning the command skips finished pipelines. Thresholds are chosen on the validation split's ground
-truth by the method's own threshold search, identically for all three models.
+rerunning the command skips finished pipelines and reports the wall times they took when they ran
+(OUT/<run>.seconds.json). Thresholds are chosen on the validation split's ground truth by the
+method's own threshold search, identically for all three models.
 """
 
 from __future__ import annotations
@@ -32,10 +33,26 @@ from cse_ray.config import load_config, with_overrides
 COLUMNS = ("ordinary", "cse", "cse_crf", "control", "gain", "gain_over_control")
 
 
-def seed_runs(config: str, out: Path, seed: int, vary_data: bool, overrides: list[str]) -> dict:
-    """The pipeline and its control for one seed; returns the row of numbers (percent)."""
+def timed_pipeline(cfg, run_dir: Path) -> tuple[dict, float]:
+    """run_pipeline and its wall time. A run that was already finished keeps the time it took when it
+    ran (OUT/<run>.seconds.json), so rerunning the benchmark to extend it does not report ~0 s."""
+    from cse_ray import artifacts
     from cse_ray.pipeline import run_pipeline
 
+    timing = run_dir.with_name(run_dir.name + ".seconds.json")
+    finished = (run_dir / "report.json").exists()
+    start = time.perf_counter()
+    report = run_pipeline(cfg, str(run_dir))
+    seconds = time.perf_counter() - start
+    if finished and timing.exists():
+        return report, json.loads(timing.read_text())["seconds"]
+    if not finished:
+        artifacts.write_json(str(timing), {"seconds": round(seconds, 1)})
+    return report, seconds
+
+
+def seed_runs(config: str, out: Path, seed: int, vary_data: bool, overrides: list[str]) -> dict:
+    """The pipeline and its control for one seed; returns the row of numbers (percent)."""
     cfg = load_config(config, overrides)
     data_seed = seed if vary_data else cfg.data.synth.seed
     shared_data = out / (f"data_seed{data_seed}" if cfg.data.synth.enabled else "")
@@ -44,17 +61,13 @@ def seed_runs(config: str, out: Path, seed: int, vary_data: bool, overrides: lis
         values["data.root"] = str(shared_data)  # one dataset folder shared by the runs that use it
     cfg = with_overrides(cfg, values)
     main_dir = out / f"seed{seed}"
-    start = time.perf_counter()
-    report = run_pipeline(cfg, str(main_dir))
-    main_seconds = time.perf_counter() - start
+    report, main_seconds = timed_pipeline(cfg, main_dir)
     control_cfg = with_overrides(cfg, {
         "train_cse.cc_init": 0.0, "train_cse.cc_slope": 0.0,
         "train_cse.classifier": str(main_dir / "train_cam" / "model.pth"),
         "crf.enabled": False, "infer.overlays": 0,
     })
-    start = time.perf_counter()
-    control = run_pipeline(control_cfg, str(out / f"seed{seed}_control"))
-    control_seconds = time.perf_counter() - start
+    control, control_seconds = timed_pipeline(control_cfg, out / f"seed{seed}_control")
     if abs(control["ordinary_cam_miou"] - report["ordinary_cam_miou"]) > 1e-6:
         raise RuntimeError(f"seed {seed}: the control's classifier is not the pipeline's "
                            f"({control['ordinary_cam_miou']} vs {report['ordinary_cam_miou']})")
