@@ -89,6 +89,8 @@ class TrainCamConfig:
     max_failures: int = field(default=2, metadata=_range(0))
     val_scales: tuple[float, ...] = (1.0,)  # CAM scales for the per-epoch validation
     val_images: int = field(default=0, metadata=_range(0))  # 0 = the whole validation list
+    # Which epoch's weights become model.pth: psa's train_cls keeps the last, OC-CSE the best by val mIoU.
+    keep: str = field(default="last", metadata=_choices("last", "best"))
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class TrainCseConfig(TrainCamConfig):
     cc_slope: float = field(default=0.05, metadata=_range(0.0))
     mask_norm: str = field(default="batch", metadata=_choices("batch", "image"))
     init: str = field(default="pretrained", metadata=_choices("pretrained", "classifier"))
+    keep: str = field(default="best", metadata=_choices("last", "best"))
     classifier: str = ""  # frozen classifier checkpoint; empty = this run's train_cam result
 
 

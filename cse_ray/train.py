@@ -4,8 +4,9 @@ The driver validates everything (config, lists, images, checkpoints) before Ray 
 `TorchTrainer` whose `train_loop_per_worker` is built from the plain functions below: build the
 networks, run an epoch, validate, checkpoint. Rank 0 is the only writer. The run directory:
 
-    OUT/<stage>/model.pth      best epoch's weights (a plain state dict, loads like psa's od_cam.pth)
-    OUT/<stage>/result.json    written last: the run is finished (history, best epoch, mIoU)
+    OUT/<stage>/model.pth      the kept epoch's weights (`keep`: train_cam the last, train_cse the best;
+                               a plain state dict, loads like psa's od_cam.pth)
+    OUT/<stage>/result.json    written last: the run is finished (history, kept epoch as best_epoch, mIoU)
     OUT/<stage>/events.log     a line per epoch start (restarts and resumes show as repeats)
     OUT/<stage>/ray/           Ray Train's storage: per-epoch checkpoints, used to resume
     OUT/tensorboard/<stage>/   TensorBoard event files
@@ -56,7 +57,7 @@ TEST_NAN_ENV = "CSE_RAY_TEST_NAN_AT_EPOCH"
 
 
 def train_cam(cfg: Config, out: str) -> dict:
-    """Train the ordinary CAM classifier; returns the run summary (best epoch, mIoU, paths)."""
+    """Train the ordinary CAM classifier; returns the run summary (kept epoch, mIoU, paths)."""
     return fit_stage("train_cam", cfg, out)
 
 
@@ -155,7 +156,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
     result_path = stage_path(out, stage, RESULT_FILE)
     if artifacts.exists(result_path):
         summary = artifacts.read_json(result_path)
-        print(f"{stage}: already finished in {out} (best epoch {summary['best_epoch']}, "
+        print(f"{stage}: already finished in {out} (kept epoch {summary['best_epoch']}, "
               f"mIoU {summary['best_miou']:.2f}); nothing to do")
         return summary
     inputs = prepare_stage(stage, cfg, out)
@@ -196,7 +197,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
         raise RuntimeError(artifacts.read_json(failed_path)["message"])
     summary = artifacts.read_json(result_path)
     print(
-        f"{stage}: done. best epoch {summary['best_epoch']} with validation CAM mIoU "
+        f"{stage}: done. kept epoch {summary['best_epoch']} ({scfg.keep}) with validation CAM mIoU "
         f"{summary['best_miou']:.2f} (threshold {summary['best_threshold']:.2f}); "
         f"model {summary['model']}; checkpoints under {summary['checkpoints']}"
     )
@@ -349,7 +350,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     meta = {"stage": stage, "backbone": cfg.model.backbone, "classifier": inputs.classifier,
             "classifier_sha256": inputs.classifier_sha256, "config": inputs.config}
     if rank == 0 and state.epoch:
-        print(f"{stage}: resuming after epoch {state.epoch} of {scfg.epochs}")
+        worker_print(f"{stage}: resuming after epoch {state.epoch} of {scfg.epochs}")
 
     for epoch in range(state.epoch, scfg.epochs):
         if rank == 0:
@@ -382,14 +383,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record = {"epoch": epoch + 1, **stats, "w": weight, "val_miou": val["miou"],
                   "val_threshold": val["threshold"]}
         state.history.append(record)
-        is_best = val["miou"] > state.best_miou
+        is_best = scfg.keep == "last" or val["miou"] > state.best_miou  # "best": the kept epoch
         if is_best:
             state.best_epoch, state.best_miou, state.best_threshold = epoch + 1, val["miou"], val["threshold"]
         metrics = {**record, "best_miou": state.best_miou, "best_epoch": state.best_epoch}
         if rank == 0:
-            print(f"{stage}: epoch {epoch + 1}/{scfg.epochs} loss {stats['loss']:.4f} "
-                  f"val CAM mIoU {val['miou']:.2f} @ {val['threshold']:.2f} "
-                  f"({stats['images_per_s']:.1f} img/s)")
+            worker_print(f"{stage}: epoch {epoch + 1}/{scfg.epochs} loss {stats['loss']:.4f} "
+                         f"val CAM mIoU {val['miou']:.2f} @ {val['threshold']:.2f} "
+                         f"({stats['images_per_s']:.1f} img/s)")
             _log_epoch(writer, record, model, inputs.val, cfg, device)
             if is_best:
                 _write_torch(stage_path(out, stage, MODEL_FILE), model.state_dict())
@@ -437,6 +438,15 @@ def resume_checkpoint(out: str, stage: str):
         if artifacts.exists(artifacts.join(path, STATE_FILE)):
             candidates.append((epoch, ray.train.Checkpoint(path)))
     return max(candidates, key=lambda item: item[0])[1] if candidates else None
+
+
+def worker_print(line: str) -> None:
+    """One progress line from a Ray Train worker, shown once on the driver.
+
+    Ray Train 2.60 replaces `print` in its workers with one that both writes to stdout and logs the
+    line, and the driver shows each copy; writing to the process's own stdout bypasses the patch.
+    """
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _epoch_of(path: str) -> int:
@@ -500,7 +510,7 @@ def run_epoch(model, frozen, loader, optimizer, device, epoch: int, scfg: TrainC
                 if progress is not None:
                     progress.set_description(line)
                 else:
-                    print(line, flush=True)
+                    worker_print(line)
         if progress is not None:
             progress.update(1)
     if progress is not None:
@@ -578,7 +588,7 @@ def _tensorboard(out: str, stage: str):
     directory = artifacts.join(out, "tensorboard", stage)
     if artifacts.is_uri(directory):  # event files are appended to, so they live on local disk
         directory = str(Path(tempfile.gettempdir(), "cse-ray-tensorboard", stage))
-        print(f"{stage}: TensorBoard logs in {directory} (--out is remote)")
+        worker_print(f"{stage}: TensorBoard logs in {directory} (--out is remote)")
     return SummaryWriter(directory)
 
 

@@ -39,6 +39,9 @@ def test_train_cam_then_cse_on_two_workers(ray_session, tmp_path: Path) -> None:
         assert list((tmp_path / "run" / stage / "ray" / stage).glob("checkpoint_*"))
         assert list((tmp_path / "run" / "tensorboard" / stage).glob("events.out.tfevents.*"))
     assert cse["history"][1]["w"] == pytest.approx(0.3 + 0.05)  # w = cc_init + cc_slope * epoch
+    assert cam["best_epoch"] == 2  # train_cam keeps its last epoch (psa's train_cls)
+    scores = [h["val_miou"] for h in cse["history"]]
+    assert cse["best_epoch"] == scores.index(max(scores)) + 1  # train_cse keeps its best (OC-CSE)
     classifier_record = json.loads((tmp_path / "run" / "train_cse" / "classifier.json").read_text())
     assert classifier_record["path"].endswith("train_cam/model.pth")
 
