@@ -26,6 +26,17 @@ def is_uri(path: str | Path) -> bool:
     return str(path).startswith(_REMOTE_SCHEMES)
 
 
+def absolute(path: str | Path) -> str:
+    """A local path made absolute against the current directory (URIs and "" unchanged).
+
+    The driver resolves paths once: Ray workers and actors run in other working directories.
+    """
+    text = str(path)
+    if not text or is_uri(text):
+        return text
+    return os.path.abspath(text)
+
+
 def join(base: str | Path, *parts: str) -> str:
     """Join path parts for local paths and URIs alike."""
     if is_uri(base):

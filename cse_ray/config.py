@@ -215,6 +215,31 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return from_dict(raw)
 
 
+PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint")
+LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list")
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its local file paths made absolute against the current directory.
+
+    Commands call this on the driver, because Ray workers and actors run in other working directories:
+    a relative `data.root` would name nothing there. List keys count as paths unless they are bare
+    list names (`train`, `val`); URIs are left as they are.
+    """
+    from cse_ray import artifacts
+    from cse_ray.data.voc import is_list_name
+
+    values = {}
+    for key in (*PATH_KEYS, *LIST_KEYS):
+        value = get_dotted(cfg, key)
+        if key in LIST_KEYS and is_list_name(value):
+            continue
+        absolute = artifacts.absolute(value)
+        if absolute != value:
+            values[key] = absolute
+    return with_overrides(cfg, values) if values else cfg
+
+
 def from_dict(raw: dict) -> Config:
     """Build and validate a Config from plain nested dicts (YAML, Tune trials, checkpoints)."""
     return validate(_build(Config, raw, ""))

@@ -642,6 +642,7 @@ def _run_on_ray(pred_dir: str, gt_dir: str, names: list[str], task: str, fmt: st
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     chunk_count = min(len(names), max(cpus * 4, math.ceil(len(names) / 500)))
     remote_chunk = ray.remote(num_cpus=1)(_sweep_chunk)
+    pred_dir, gt_dir = artifacts.absolute(pred_dir), artifacts.absolute(gt_dir)  # tasks run elsewhere
     pending = [remote_chunk.remote(pred_dir, gt_dir, chunk, task, fmt, grid, keep_per_image)
                for chunk in _chunks(names, chunk_count)]
     try:

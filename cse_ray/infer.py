@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from cse_ray import artifacts
-from cse_ray.config import Config, CrfConfig
+from cse_ray.config import Config, CrfConfig, with_absolute_paths
 from cse_ray.crf import CrfResult, crf_alphas_task, crf_rel, crf_seed_rel, pseudo_rel
 from cse_ray.data.prepare import resolve_data_root
 from cse_ray.errors import UserError
@@ -540,6 +540,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
     (default `data.infer_list`); write_pseudo=False leaves pseudo-labels to `write_pseudo_labels`
     (the pipeline calls it with the alpha or threshold chosen by evaluation).
     """
+    cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # actors run in other directories
     import ray
     from tqdm import tqdm
 

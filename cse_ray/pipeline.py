@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cse_ray import artifacts
-from cse_ray.config import Config, thresholds, with_overrides
+from cse_ray.config import Config, thresholds, with_absolute_paths, with_overrides
 from cse_ray.errors import UserError
 
 EVAL_DIR = "eval"
@@ -30,6 +30,7 @@ VAL_DIR = "val"
 
 def run_pipeline(cfg: Config, out: str) -> dict:
     """Run (or resume) every stage and return report.json's content."""
+    cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # Ray workers run in other directories
     from cse_ray.data.prepare import load_split, resolve_data_root
     from cse_ray.infer import run_infer, write_pseudo_labels
     from cse_ray.models import check_backbone

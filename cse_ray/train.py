@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cse_ray import artifacts
-from cse_ray.config import Config, TrainCamConfig, from_dict, thresholds, to_dict
+from cse_ray.config import Config, TrainCamConfig, from_dict, thresholds, to_dict, with_absolute_paths
 from cse_ray.data.prepare import Split, load_split, resolve_data_root
 from cse_ray.errors import UserError
 from cse_ray.models import check_backbone
@@ -153,6 +153,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
 
     `resources_per_worker` overrides the config's CPU/GPU per worker (Tune trials pass fractions).
     """
+    cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # Ray workers run in other directories
     result_path = stage_path(out, stage, RESULT_FILE)
     if artifacts.exists(result_path):
         summary = artifacts.read_json(result_path)

@@ -54,7 +54,15 @@ from ray.tune import Callback as TuneCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cse_ray import artifacts
-from cse_ray.config import Config, dump_yaml, from_dict, thresholds, to_dict, with_overrides
+from cse_ray.config import (
+    Config,
+    dump_yaml,
+    from_dict,
+    thresholds,
+    to_dict,
+    with_absolute_paths,
+    with_overrides,
+)
 from cse_ray.errors import UserError
 
 TRIALS_FILE = "trials.parquet"
@@ -275,7 +283,7 @@ def _storage_path(out: str) -> str:
 
 def run_tune(cfg: Config, out: str) -> TuneSummary:
     """Sweep `tune.space` over train-cse runs, then search the threshold and alpha of the best one."""
-    out = str(out)
+    cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # trials run in other directories
     space = parse_space(cfg)  # every check on the sweep's own keys happens before Ray starts
     _check_sweep_settings(cfg, space)
     _check_same_sweep(cfg, out)

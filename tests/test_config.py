@@ -115,3 +115,24 @@ def test_infer_format_seed_is_shorthand_for_save_seed() -> None:
     assert cfg.infer.save_seed and not cfg.crf.enabled
     plain = build_parser().parse_args(["infer", "--config", str(REPO / "configs" / "smoke.yaml")])
     assert not command_config(plain).infer.save_seed
+
+
+def test_relative_paths_become_absolute_on_the_driver(tmp_path: Path, monkeypatch) -> None:
+    """Ray workers run in other directories, so commands resolve local paths before Ray starts."""
+    from cse_ray import artifacts
+    from cse_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        "data.root=voc", "data.train_list=lists/train.txt", "data.val_list=val",
+        "train_cse.classifier=s3://bucket/cam.pth", "infer.checkpoint=eraser.pth",
+    ])
+    resolved = with_absolute_paths(cfg)
+    assert resolved.data.root == str(tmp_path / "voc")
+    assert resolved.data.train_list == str(tmp_path / "lists" / "train.txt")
+    assert resolved.data.val_list == "val"  # a list name, not a path
+    assert resolved.train_cse.classifier == "s3://bucket/cam.pth"  # URIs stay as they are
+    assert resolved.infer.checkpoint == str(tmp_path / "eraser.pth")
+    assert resolved.model.pretrained == ""  # empty means "none", not the current directory
+    assert with_absolute_paths(resolved) == resolved
+    assert artifacts.absolute("runs/demo") == str(tmp_path / "runs" / "demo")

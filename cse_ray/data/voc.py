@@ -134,10 +134,15 @@ def write_list(path: str | os.PathLike, names: Iterable[str]) -> Path:
     return Path(path)
 
 
+def is_list_name(value: str | os.PathLike) -> bool:
+    """A bare list name such as `train` (a file under ImageSets/Segmentation), not a path."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", value) is not None
+
+
 def list_path(root: str | os.PathLike, list_name_or_path: str | os.PathLike) -> Path:
     """`"train"` -> ROOT/ImageSets/Segmentation/train.txt; anything that looks like a path is used as is."""
     text = str(list_name_or_path)
-    if isinstance(list_name_or_path, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", text):
+    if is_list_name(list_name_or_path):
         return Path(root) / "ImageSets" / "Segmentation" / f"{text}.txt"
     return Path(list_name_or_path)
 
