@@ -80,12 +80,12 @@ def default_out(config_path: str) -> str:
 
 def command_config(args: argparse.Namespace):
     """The validated config of a config command: the YAML, its overrides, and flag shorthands."""
-    from cse_ray.config import load_config, with_absolute_paths
+    from cse_ray.config import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "fmt", "native") == "seed":
         overrides.append("infer.save_seed=true")
-    return with_absolute_paths(load_config(args.config, overrides))
+    return load_config(args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -136,9 +136,7 @@ def _run_stage(command: str, cfg, out: str) -> None:
     import importlib
 
     module, function = STAGE_FUNCTIONS[command]
-    from cse_ray import artifacts
-
-    getattr(importlib.import_module(module), function)(cfg, artifacts.absolute(out))
+    getattr(importlib.import_module(module), function)(cfg, out)  # each resolves relative paths itself
 
 
 def main(argv: list[str] | None = None) -> int:
