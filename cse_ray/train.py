@@ -143,8 +143,7 @@ def _check_same_classifier(out: str, classifier: str) -> str:
 
 
 def _storage_path(out: str, stage: str) -> str:
-    path = stage_path(out, stage, "ray")
-    return path if artifacts.is_uri(path) else os.path.abspath(path)
+    return artifacts.absolute(stage_path(out, stage, "ray"))
 
 
 def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),

@@ -270,12 +270,8 @@ def trial_dir(out: str, trial_id: str) -> str:
     return artifacts.join(out, "trials", trial_id)
 
 
-def _abs(path: str) -> str:
-    return path if artifacts.is_uri(path) else os.path.abspath(path)
-
-
 def _storage_path(out: str) -> str:
-    return artifacts.join(_abs(out), "tune")
+    return artifacts.join(artifacts.absolute(out), "tune")
 
 
 # -------------------------------------------------------------------------------------- the driver
@@ -297,7 +293,7 @@ def run_tune(cfg: Config, out: str) -> TuneSummary:
     from cse_ray.runtime import ensure_ray
     from cse_ray.train import MODEL_FILE, RESULT_FILE, stage_path, train_cam
 
-    root = _abs(resolve_data_root(cfg, out))
+    root = resolve_data_root(cfg, out)
     shared = with_overrides(cfg, {"data.root": root})
     classifier = cfg.train_cse.classifier
     if classifier and not artifacts.exists(classifier):
@@ -310,7 +306,7 @@ def run_tune(cfg: Config, out: str) -> TuneSummary:
             print("tune: training the ordinary classifier once, for every trial")
         train_cam(shared, out)
         classifier = stage_path(out, "train_cam", MODEL_FILE)
-    shared = with_overrides(shared, {"train_cse.classifier": _abs(classifier)})
+    shared = with_overrides(shared, {"train_cse.classifier": classifier})
     artifacts.write_json(artifacts.join(out, SETTINGS_FILE), {"config": to_dict(cfg)})
 
     results, statuses = _run_sweep(shared, space, out)
@@ -679,7 +675,7 @@ def trial_trainable(shared: Config, out: str):
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
-    base = wrap_function(functools.partial(run_trial, shared=to_dict(shared), out=_abs(out)))
+    base = wrap_function(functools.partial(run_trial, shared=to_dict(shared), out=artifacts.absolute(out)))
 
     class SweepTrial(base):
         def cleanup(self):
@@ -718,7 +714,7 @@ class TrialScalars(TuneCallback):
     KEYS = (METRIC, "best_miou", "loss", "loss_cls", "loss_erase", "lr", "w", "images_per_s")
 
     def __init__(self, out: str) -> None:
-        directory = artifacts.join(_abs(out), "tensorboard", "tune")
+        directory = artifacts.join(artifacts.absolute(out), "tensorboard", "tune")
         if artifacts.is_uri(directory):  # event files are appended to: they live on local disk
             directory = str(Path(tempfile.gettempdir(), "cse-ray-tensorboard", "tune"))
         self.directory = directory
