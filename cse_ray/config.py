@@ -8,6 +8,7 @@ Defaults are the paper's settings (METHOD.md); `configs/*.yaml` only list what d
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cse_ray import artifacts
 from cse_ray.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -215,6 +217,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return from_dict(raw)
 
 
+def is_list_name(value: str | Path) -> bool:
+    """A bare list name such as `train` (a file under ImageSets/Segmentation), not a path."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", value) is not None
+
+
 PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint")
 LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list")
 
@@ -226,9 +233,6 @@ def with_absolute_paths(cfg: Config) -> Config:
     a relative `data.root` would name nothing there. List keys count as paths unless they are bare
     list names (`train`, `val`); URIs are left as they are.
     """
-    from cse_ray import artifacts
-    from cse_ray.data.voc import is_list_name
-
     values = {}
     for key in (*PATH_KEYS, *LIST_KEYS):
         value = get_dotted(cfg, key)

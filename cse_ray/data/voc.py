@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from cse_ray import artifacts
+from cse_ray.config import is_list_name
 from cse_ray.errors import UserError
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -132,11 +133,6 @@ def write_list(path: str | os.PathLike, names: Iterable[str]) -> Path:
     names = [validate_name(name) for name in names]
     artifacts.write_text(path, "".join(f"{name}\n" for name in names))
     return Path(path)
-
-
-def is_list_name(value: str | os.PathLike) -> bool:
-    """A bare list name such as `train` (a file under ImageSets/Segmentation), not a path."""
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", value) is not None
 
 
 def list_path(root: str | os.PathLike, list_name_or_path: str | os.PathLike) -> Path:
