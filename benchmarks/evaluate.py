@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cse_ray.data.voc import IGNORE_INDEX, load_mask, save_label_png
+from cse_ray.data.voc import IGNORE_INDEX
 from cse_ray.evaluate import evaluate, load_cam_npz, save_cam_npz, threshold_grid
+from cse_ray.formats import read_label_png, write_label_png
 
 
 def make_image(rng: np.random.Generator, height: int,
@@ -58,7 +59,7 @@ def write_dataset(root: Path, count: int, height: int, width: int, seed: int) ->
     for name in names:
         cams, classes, gt = make_image(rng, height, width)
         save_cam_npz(root / "pred" / f"{name}.npz", cams, classes)
-        save_label_png(root / "gt" / f"{name}.png", gt)
+        write_label_png(root / "gt" / f"{name}.png", gt)
     return names
 
 
@@ -69,7 +70,7 @@ def per_threshold_loop(pred_dir: Path, gt_dir: Path, names: list[str],
     for index, threshold in enumerate(thresholds):
         for name in names:
             cams, classes = load_cam_npz(pred_dir / f"{name}.npz")
-            gt = load_mask(gt_dir / f"{name}.png")
+            gt = read_label_png(gt_dir / f"{name}.png")
             stacked = np.concatenate([np.full((1,) + gt.shape, threshold, np.float32), cams])
             labels = np.concatenate([[0], classes + 1])[np.argmax(stacked, axis=0)]
             valid = gt != IGNORE_INDEX

@@ -34,12 +34,12 @@ def make_images(root: Path, count: int, size: int) -> list[str]:
 
 def crf_inputs(root: Path, names: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image, CAMs, classes): CAM-like maps made by blurring each present class's ground-truth mask."""
-    from cse_ray.data.voc import load_image, load_mask
+    from cse_ray.formats import read_image, read_label_png
 
     items = []
     for name in names:
-        image = load_image(root / "JPEGImages" / f"{name}.jpg")
-        mask = load_mask(root / "SegmentationClass" / f"{name}.png")
+        image = read_image(root / "JPEGImages" / f"{name}.jpg")
+        mask = read_label_png(root / "SegmentationClass" / f"{name}.png")
         classes = np.array([v - 1 for v in np.unique(mask) if 1 <= v <= 20], np.int64)
         radius = max(image.shape[:2]) / 12
         maps = []
@@ -138,12 +138,13 @@ def bench_cam(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     from cse_ray.cam import multiscale_cam, multiscale_cam_reference_way
-    from cse_ray.data.voc import image_label, load_image
+    from cse_ray.data.voc import image_label
+    from cse_ray.formats import read_image
     from cse_ray.models import build_classifier
 
     torch.set_num_threads(args.threads)
     names = make_images(root, args.cam_images, args.cam_size)
-    images = [load_image(root / "JPEGImages" / f"{n}.jpg") for n in names]
+    images = [read_image(root / "JPEGImages" / f"{n}.jpg") for n in names]
     labels = [image_label(root, n) for n in names]
     scales = tuple(args.scales)
     print(f"CAM: {len(images)} images of long side {args.cam_size}, scales {scales}, "

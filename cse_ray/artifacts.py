@@ -122,19 +122,6 @@ def write_npy_dict(path: str | Path, mapping: dict) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def write_png(path: str | Path, array: np.ndarray, palette: list[int] | None = None) -> None:
-    """A PNG from a uint8 array: palette mode (`P`) when a palette is given, else L/RGB."""
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
-    if palette is not None:
-        image = image.convert("P")  # a 2-D uint8 array keeps its values as palette indices
-        image.putpalette(palette)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_bytes(path, buffer.getvalue())
-
-
 def write_parquet(path: str | Path, table) -> None:
     """A pyarrow Table (or a list of row dicts) as Parquet."""
     import pyarrow as pa

@@ -23,7 +23,7 @@ import numpy as np
 
 from cse_ray import artifacts
 from cse_ray.config import CrfConfig
-from cse_ray.data.voc import VOC_PALETTE
+from cse_ray.formats import write_label_png
 
 PROB_FLOOR = 1e-5
 
@@ -135,7 +135,7 @@ def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
         label = probabilities_to_label(probs, classes)
         middle = time.perf_counter()
         rel = crf_rel(alpha, name)
-        artifacts.write_png(artifacts.join(out, rel), label, VOC_PALETTE)
+        write_label_png(artifacts.join(out, rel), label)
         result.crf.append(rel)
         if save_seed:
             rel_seed = crf_seed_rel(alpha, name)
@@ -143,7 +143,7 @@ def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
             result.crf_seed.append(rel_seed)
         if pseudo_alpha is not None and float(alpha) == float(pseudo_alpha):
             result.pseudo_label = pseudo_rel(name)
-            artifacts.write_png(artifacts.join(out, result.pseudo_label), label, VOC_PALETTE)
+            write_label_png(artifacts.join(out, result.pseudo_label), label)
         result.crf_s += middle - start
         result.write_s += time.perf_counter() - middle
     return result

@@ -48,8 +48,9 @@ from typing import Any
 import numpy as np
 
 from cse_ray import artifacts
-from cse_ray.data.voc import CATEGORY_NAMES, IGNORE_INDEX, NUM_CLASSES, load_mask, read_list, validate_name
+from cse_ray.data.voc import CATEGORY_NAMES, IGNORE_INDEX, NUM_CLASSES, read_list, validate_name
 from cse_ray.errors import UserError
+from cse_ray.formats import read_label_png
 
 NUM_CATEGORIES = NUM_CLASSES + 1  # background + classes
 NO_PREDICTION = NUM_CATEGORIES  # extra confusion column: label pixels predicted 255 ("no prediction")
@@ -520,7 +521,7 @@ def load_seed_label(path: str | os.PathLike[str]) -> np.ndarray:
 def _read_png(path: str, what: str) -> np.ndarray:
     """A palette/grayscale PNG of class indices; unreadable files become a UserError naming them."""
     try:
-        return load_mask(path)
+        return read_label_png(path)
     except UserError:
         raise
     except (OSError, ValueError) as error:

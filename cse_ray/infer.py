@@ -404,13 +404,14 @@ class CamWorker:
                 want_payload: bool) -> tuple[dict, Any]:
         """(manifest row, payload for the CRF task or None). Bad input files give an error row."""
         from cse_ray.cam import cams_to_label, cams_to_seed_dict, multiscale_cam
-        from cse_ray.data.voc import VOC_PALETTE, image_path, load_image
+        from cse_ray.data.voc import image_path
         from cse_ray.evaluate import save_cam_npz
+        from cse_ray.formats import read_image, write_label_png, write_rgb_png
 
         row: dict = {"name": name, "cam_node": self.node, "cam_actor": self.index, "cam_pid": os.getpid()}
         start = time.perf_counter()
         try:
-            image = load_image(image_path(self.root, name))
+            image = read_image(image_path(self.root, name))
         except UserError as err:
             row.update(status="error", error=str(err), load_s=time.perf_counter() - start)
             return row, None
@@ -428,11 +429,11 @@ class CamWorker:
             artifacts.write_npy_dict(artifacts.join(out, cam_seed_rel(name)), seed)
             row["cam_seed"] = cam_seed_rel(name)
         if overlay:
-            artifacts.write_png(artifacts.join(out, overlay_rel(name)), cam_overlay(image, rounded))
+            write_rgb_png(artifacts.join(out, overlay_rel(name)), cam_overlay(image, rounded))
             row["overlay"] = overlay_rel(name)
         if threshold is not None:
             label_map = cams_to_label(rounded, classes, threshold, image.shape[:2])
-            artifacts.write_png(artifacts.join(out, pseudo_rel(name)), label_map, VOC_PALETTE)
+            write_label_png(artifacts.join(out, pseudo_rel(name)), label_map)
             row.update(pseudo_label=pseudo_rel(name), pseudo_source="cam", pseudo_value=threshold)
         written = time.perf_counter()
         row.update(
@@ -731,7 +732,7 @@ def load_cams(out: str, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _pseudo_chunk(out: str, names: Sequence[str], source: str, value: float) -> list[str]:
     """Write the pseudo-labels of some images from the stored outputs; returns the names with no source."""
     from cse_ray.cam import cams_to_label
-    from cse_ray.data.voc import VOC_PALETTE
+    from cse_ray.formats import write_label_png
 
     missing = []
     for name in names:
@@ -747,7 +748,7 @@ def _pseudo_chunk(out: str, names: Sequence[str], source: str, value: float) -> 
                 missing.append(name)
                 continue
             cams, classes = load_cams(out, name)
-            artifacts.write_png(target, cams_to_label(cams, classes, value, cams.shape[1:]), VOC_PALETTE)
+            write_label_png(target, cams_to_label(cams, classes, value, cams.shape[1:]))
     return missing
 
 

@@ -94,20 +94,22 @@ def write_contact_sheet(out: str, root: str, names: Sequence[str], ordinary_dir:
     """image | ground truth | ordinary CAM | OC-CSE CAM | CRF label, one row per validation image."""
     import io
 
-    from cse_ray.data.voc import VOC_PALETTE, image_path, load_image, load_mask
+    from cse_ray.data.voc import image_path
+    from cse_ray.formats import read_image, read_label_png
     from cse_ray.infer import load_cams
+    from cse_ray.labels import PALETTE
     from cse_ray.plots import cam_overlay, contact_sheet, label_colours
 
     rows = []
     for name in names[:CONTACT_SHEET_IMAGES]:
-        image = load_image(image_path(root, name))
-        gt = load_mask(artifacts.join(gt_dir, f"{name}.png"))
-        row = [image, label_colours(gt, VOC_PALETTE)]
+        image = read_image(image_path(root, name))
+        gt = read_label_png(artifacts.join(gt_dir, f"{name}.png"))
+        row = [image, label_colours(gt, PALETTE)]
         for directory in (ordinary_dir, cse_dir):
             cams, _ = load_cams(directory, name)
             row.append(cam_overlay(image, cams))
         if crf_dir is not None:
-            row.append(label_colours(load_mask(artifacts.join(crf_dir, f"{name}.png")), VOC_PALETTE))
+            row.append(label_colours(read_label_png(artifacts.join(crf_dir, f"{name}.png")), PALETTE))
         else:
             row.append(np.zeros_like(image))
         rows.append(row)

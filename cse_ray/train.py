@@ -562,15 +562,16 @@ def validate(model, val: Split, cfg: Config, scfg: TrainCamConfig, device, rank:
     import torch.distributed as dist
 
     from cse_ray.cam import multiscale_cam
-    from cse_ray.data.voc import image_path, load_image, load_mask, mask_path
+    from cse_ray.data.voc import image_path, mask_path
     from cse_ray.evaluate import ConfusionSweep
+    from cse_ray.formats import read_image, read_label_png
 
     names = val.names[: scfg.val_images] if scfg.val_images else val.names
     sweep = ConfusionSweep(thresholds(cfg.evaluate), keep_per_image=False)
     sbd = cfg.data.sbd_root or None
     for name in names[rank::world]:
-        image = load_image(image_path(val.root, name))
-        gt = load_mask(mask_path(val.root, name, sbd), expected_hw=image.shape[:2])
+        image = read_image(image_path(val.root, name))
+        gt = read_label_png(mask_path(val.root, name, sbd), expected_hw=image.shape[:2])
         cams, classes = multiscale_cam(model, image, val.labels[name], scfg.val_scales, device)
         sweep.add_cams(cams, classes, gt, name=name)
     if world > 1:  # one all-reduce of the counts (gloo reduces CPU tensors, nccl GPU ones)
@@ -598,7 +599,8 @@ OVERLAY_IMAGES = 4
 def _log_epoch(writer, record: dict, model, val: Split, cfg: Config, device) -> None:
     """Scalars every epoch, and CAM overlays of the first few validation images."""
     from cse_ray.cam import multiscale_cam
-    from cse_ray.data.voc import image_path, load_image
+    from cse_ray.data.voc import image_path
+    from cse_ray.formats import read_image
     from cse_ray.plots import cam_overlay
 
     epoch = record["epoch"]
@@ -606,7 +608,7 @@ def _log_epoch(writer, record: dict, model, val: Split, cfg: Config, device) -> 
         if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
             writer.add_scalar(f"{key}", value, epoch)
     for name in val.names[:OVERLAY_IMAGES]:
-        image = load_image(image_path(val.root, name))
+        image = read_image(image_path(val.root, name))
         cams, _ = multiscale_cam(model, image, val.labels[name], (1.0,), device)
         writer.add_image(f"cam/{name}", cam_overlay(image, cams), epoch, dataformats="HWC")
     writer.flush()

@@ -874,8 +874,9 @@ def posthoc_search(cfg: Config, checkpoint: str, out: str) -> dict:
     bias, reported as such in the eval reports.
     """
     from cse_ray.crf import crf_rel
-    from cse_ray.data.voc import list_path, load_mask, mask_path, read_list
+    from cse_ray.data.voc import list_path, mask_path, read_list
     from cse_ray.evaluate import ConfusionSweep, write_reports
+    from cse_ray.formats import read_label_png
     from cse_ray.infer import load_cams, run_infer
 
     summary = run_infer(cfg, out, checkpoint=checkpoint, list_name=cfg.data.val_list, write_pseudo=False)
@@ -888,7 +889,7 @@ def posthoc_search(cfg: Config, checkpoint: str, out: str) -> dict:
     cam_sweep = ConfusionSweep(thresholds(cfg.evaluate))
     crf_sweeps = {alpha: ConfusionSweep(None) for alpha in alphas}
     for name in names:
-        gt = load_mask(mask_path(root, name, sbd))
+        gt = read_label_png(mask_path(root, name, sbd))
         cams, classes = load_cams(out, name)
         cam_sweep.add_cams(cams, classes, gt, name=name)
         for alpha, sweep in crf_sweeps.items():

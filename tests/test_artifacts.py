@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cse_ray import artifacts
+from cse_ray.formats import write_label_png
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -33,7 +34,7 @@ def test_formats_round_trip(tmp_path: Path) -> None:
     loaded = np.load(tmp_path / "a.npy", allow_pickle=True).item()
     assert np.array_equal(loaded[3], cams[0].astype(np.float32))
     label = np.array([[0, 1, 255], [20, 3, 4]], np.uint8)
-    artifacts.write_png(tmp_path / "l.png", label, palette=[i % 256 for i in range(768)])
+    write_label_png(tmp_path / "l.png", label)
     image = Image.open(tmp_path / "l.png")
     assert image.mode == "P" and np.array_equal(np.array(image), label)
     artifacts.write_parquet(tmp_path / "m.parquet", [{"name": "x", "n": 1}, {"name": "y", "n": 2}])

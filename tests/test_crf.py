@@ -19,7 +19,7 @@ from cse_ray.crf import (
     crf_refine,
     probabilities_to_label,
 )
-from cse_ray.data.voc import VOC_PALETTE
+from cse_ray.labels import PALETTE
 
 PSA = CrfConfig()  # METHOD.md: gaussian sxy 3 compat 3, bilateral sxy 80 srgb 13 compat 10, 10 iterations
 
@@ -115,7 +115,7 @@ def test_crf_alphas_task_writes_every_alpha_and_the_pseudo_label(scene, tmp_path
     assert result.crf_s > 0 and result.write_s > 0
     for alpha, rel in zip((6.0, 24.0), result.crf):
         png = Image.open(tmp_path / rel)
-        assert png.mode == "P" and png.getpalette()[:12] == VOC_PALETTE[:12]
+        assert png.mode == "P" and png.getpalette()[:12] == PALETTE[:12]
         np.testing.assert_array_equal(np.array(png), crf_refine(image, cams, classes, alpha, PSA))
     seed = np.load(tmp_path / "crf_seed/a24/img.npy", allow_pickle=True).item()
     assert sorted(seed) == [0, 8, 15]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cse_ray import formats
 from cse_ray.data import voc
 from cse_ray.errors import UserError
+from cse_ray.labels import PALETTE
 
 
 def write_jpeg(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
@@ -50,10 +52,10 @@ def test_constants_describe_voc() -> None:
     assert len(voc.CLASS_NAMES) == voc.NUM_CLASSES == 20
     assert voc.CLASS_NAMES[0] == "aeroplane" and voc.CLASS_NAMES[-1] == "tvmonitor"
     assert voc.CATEGORY_NAMES[15] == "person"
-    assert len(voc.VOC_PALETTE) == 768
-    assert voc.VOC_PALETTE[3:6] == [128, 0, 0]  # aeroplane
-    assert voc.VOC_PALETTE[15 * 3 : 16 * 3] == [192, 128, 128]  # person
-    assert voc.VOC_PALETTE[255 * 3 :] == [224, 224, 192]  # ignore
+    assert len(PALETTE) == 768
+    assert PALETTE[3:6] == [128, 0, 0]  # aeroplane
+    assert PALETTE[15 * 3 : 16 * 3] == [192, 128, 128]  # person
+    assert PALETTE[255 * 3 :] == [224, 224, 192]  # ignore
 
 
 def test_read_list_accepts_plain_and_psa_formats(tmp_path: Path) -> None:
@@ -98,11 +100,11 @@ def test_load_image_converts_grayscale_and_cmyk_to_rgb(tmp_path: Path) -> None:
         path = write_jpeg(tmp_path / f"{mode}.jpg", rgb, mode)
         with Image.open(path) as stored:
             assert stored.mode == mode
-        loaded = voc.load_image(path)
+        loaded = formats.read_image(path)
         assert loaded.dtype == np.uint8 and loaded.shape == (40, 56, 3)
-    gray = voc.load_image(tmp_path / "L.jpg")
+    gray = formats.read_image(tmp_path / "L.jpg")
     assert np.array_equal(gray[..., 0], gray[..., 2])  # grey stays grey after conversion
-    cmyk = voc.load_image(tmp_path / "CMYK.jpg").astype(int)
+    cmyk = formats.read_image(tmp_path / "CMYK.jpg").astype(int)
     assert np.abs(cmyk - rgb.astype(int)).mean() < 12  # CMYK decoded back to roughly the same colours
 
 
@@ -115,11 +117,11 @@ def test_truncated_and_corrupt_images_are_user_errors_naming_the_file(tmp_path: 
     corrupt.write_bytes(b"this is not an image at all" * 10)
 
     with pytest.raises(UserError, match=r"cut\.jpg.*truncated"):
-        voc.load_image(truncated)
+        formats.read_image(truncated)
     with pytest.raises(UserError, match=r"junk\.jpg.*not a readable image"):
-        voc.load_image(corrupt)
+        formats.read_image(corrupt)
     with pytest.raises(UserError, match=r"absent\.jpg.*not found"):
-        voc.load_image(tmp_path / "absent.jpg")
+        formats.read_image(tmp_path / "absent.jpg")
 
     with pytest.raises(UserError) as info:
         voc.check_images(tmp_path, ["good", "cut", "junk", "absent"])
@@ -143,29 +145,29 @@ def test_check_images_reports_count_and_first_ten(tmp_path: Path) -> None:
 
 
 def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
-    path = voc.save_label_png(tmp_path / "SegmentationClass" / "m.png", np.zeros((30, 40), np.uint8))
-    assert voc.load_mask(path, expected_hw=(30, 40)).shape == (30, 40)
+    path = formats.write_label_png(tmp_path / "SegmentationClass" / "m.png", np.zeros((30, 40), np.uint8))
+    assert formats.read_label_png(path, expected_hw=(30, 40)).shape == (30, 40)
     with pytest.raises(UserError, match=r"m\.png: mask size 40x30 .*does not match the image size 41x30"):
-        voc.load_mask(path, expected_hw=(30, 41))
+        formats.read_label_png(path, expected_hw=(30, 41))
 
 
 def test_rgb_mask_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "rgb.png"
     Image.fromarray(smooth_image()).save(path)
     with pytest.raises(UserError, match=r"rgb\.png: mask must be a palette"):
-        voc.load_mask(path)
+        formats.read_label_png(path)
 
 
 def test_save_label_png_writes_voc_palette_atomically(tmp_path: Path) -> None:
     label = np.zeros((12, 17), np.uint8)
     label[2:6, 3:9] = 15
     label[6, :] = 255
-    path = voc.save_label_png(tmp_path / "out" / "x.png", label)
+    path = formats.write_label_png(tmp_path / "out" / "x.png", label)
     with Image.open(path) as img:
         assert img.mode == "P"
         assert img.getpalette()[15 * 3 : 16 * 3] == [192, 128, 128]
         assert np.array_equal(np.array(img), label)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["x.png"]  # no temp files left behind
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == ["x.png"]  # no temp files left behind
 
 
 def test_image_labels_from_xml_and_mask_fallback_with_cache(tmp_path: Path) -> None:
@@ -174,7 +176,7 @@ def test_image_labels_from_xml_and_mask_fallback_with_cache(tmp_path: Path) -> N
     mask = np.zeros((10, 10), np.uint8)
     mask[:5] = 15
     mask[5:, 5:] = 255
-    voc.save_label_png(root / "SegmentationClass" / "b.png", mask)
+    formats.write_label_png(root / "SegmentationClass" / "b.png", mask)
     cache = tmp_path / "labels" / "cls_labels.npy"
 
     labels = voc.read_image_labels(root, ["a", "b"], cache_path=cache)
@@ -222,7 +224,7 @@ def test_write_lists_builds_train_aug_from_voc_and_sbd(tmp_path: Path, sbd_style
         (sbd / "val.txt").write_text("v1\ns2\n")
     else:
         for name in sbd_names:
-            voc.save_label_png(sbd / "SegmentationClassAug" / f"{name}.png", np.zeros((4, 4), np.uint8))
+            formats.write_label_png(sbd / "SegmentationClassAug" / f"{name}.png", np.zeros((4, 4), np.uint8))
 
     out = voc.write_lists(root, tmp_path / "lists", sbd_root=sbd)
     assert voc.read_list(out["train"]) == train

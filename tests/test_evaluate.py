@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cse_ray.data.voc import CATEGORY_NAMES, IGNORE_INDEX, save_label_png
+from cse_ray.data.voc import CATEGORY_NAMES, IGNORE_INDEX
 from cse_ray.errors import UserError
 from cse_ray.evaluate import (
     ConfusionSweep,
@@ -25,6 +25,7 @@ from cse_ray.evaluate import (
     threshold_grid,
     write_reports,
 )
+from cse_ray.formats import write_label_png
 
 THRESHOLDS = threshold_grid()
 
@@ -73,7 +74,7 @@ def write_native(tmp_path, items, prefix="img"):
     for index, (cams, classes, gt) in enumerate(items):
         name = f"{prefix}_{index}"
         save_cam_npz(pred / f"{name}.npz", cams, classes)
-        save_label_png(gt_dir / f"{name}.png", gt)
+        write_label_png(gt_dir / f"{name}.png", gt)
         names.append(name)
     return pred, gt_dir, names
 
@@ -173,8 +174,8 @@ def test_label_maps_png_and_seed_dicts(tmp_path):
         label = keys[np.argmax(scores, axis=0)].astype(np.uint8)
         name = f"lab_{index}"
         np.save(seed_dir / f"{name}.npy", {int(k): s for k, s in zip(keys, scores)})
-        save_label_png(gt_dir / f"{name}.png", gt)
-        save_label_png(png_dir / f"{name}.png", label)
+        write_label_png(gt_dir / f"{name}.png", gt)
+        write_label_png(png_dir / f"{name}.png", label)
         names.append(name)
         labels.append(label)
         gts.append(gt)
@@ -211,7 +212,7 @@ def test_missing_predictions_are_counted_and_the_first_ten_named(tmp_path):
     pred, gt_dir, _ = write_native(tmp_path, items)
     names = [f"img_{i}" for i in range(13)]
     for name in names[2:]:
-        save_label_png(gt_dir / f"{name}.png", np.zeros((3, 3), np.uint8))
+        write_label_png(gt_dir / f"{name}.png", np.zeros((3, 3), np.uint8))
     with pytest.raises(UserError) as error:
         evaluate(pred, gt_dir, names)
     message = str(error.value)
@@ -221,19 +222,19 @@ def test_missing_predictions_are_counted_and_the_first_ten_named(tmp_path):
 def test_size_mismatch_and_bad_values_name_the_file(tmp_path):
     items = random_items(seed=7, count=2)
     pred, gt_dir, names = write_native(tmp_path, items)
-    save_label_png(gt_dir / f"{names[1]}.png", np.zeros((5, 7), np.uint8))
+    write_label_png(gt_dir / f"{names[1]}.png", np.zeros((5, 7), np.uint8))
     with pytest.raises(UserError, match=f"{names[1]}.npz: prediction is .* but its ground truth is 7x5"):
         evaluate(pred, gt_dir, names, workers=1)
 
     bad_gt = items[1][2].copy()
     bad_gt[0, 0] = 40
-    save_label_png(gt_dir / f"{names[1]}.png", bad_gt)
+    write_label_png(gt_dir / f"{names[1]}.png", bad_gt)
     with pytest.raises(UserError, match=r"ground truth has values \[40\]") as error:
         evaluate(pred, gt_dir, names, workers=1)
     assert f"{names[1]}.npz" in str(error.value)
 
     label_dir = tmp_path / "labels"
-    save_label_png(label_dir / f"{names[0]}.png", np.full(items[0][2].shape, 30, np.uint8))
+    write_label_png(label_dir / f"{names[0]}.png", np.full(items[0][2].shape, 30, np.uint8))
     with pytest.raises(UserError, match=rf"{names[0]}.png: prediction has values \[30\]"):
         evaluate(label_dir, gt_dir, names[:1], task="label")
 
@@ -308,7 +309,7 @@ def test_ray_tasks_give_the_local_result(tmp_path, local_ray):
     assert np.array_equal(on_ray.confusion, local.confusion)
     assert [s.name for s in on_ray.per_image] == [s.name for s in local.per_image]
 
-    save_label_png(gt_dir / f"{names[3]}.png", np.zeros((4, 4), np.uint8))
+    write_label_png(gt_dir / f"{names[3]}.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(UserError, match=f"{names[3]}.npz: prediction is"):
         evaluate(pred, gt_dir, names, use_ray=True)
 

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from cse_ray.config import load_config, thresholds
-from cse_ray.data.voc import CATEGORY_NAMES, VOC_PALETTE, read_list
+from cse_ray.data.voc import CATEGORY_NAMES, read_list
+from cse_ray.labels import PALETTE
 from cse_ray.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
         with Image.open(out / "pseudo_labels" / f"{name}.png") as label, \
                 Image.open(data / "JPEGImages" / f"{name}.jpg") as image:
             assert label.mode == "P" and label.size == image.size
-            assert label.getpalette()[:63] == VOC_PALETTE[:63]
+            assert label.getpalette()[:63] == PALETTE[:63]
             assert set(np.unique(np.asarray(label)).tolist()) <= set(range(21))
 
     # One manifest row per inferred image, pointing at its pseudo-label.

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from cse_ray.data import transforms
-from cse_ray.data.voc import NUM_CLASSES, image_path, load_image, validate_name
+from cse_ray.data.voc import NUM_CLASSES, image_path, validate_name
 from cse_ray.errors import UserError
+from cse_ray.formats import read_image
 
 
 def _checked_labels(names: Sequence[str], labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,7 +88,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.names[index]
-        img = load_image(image_path(self.root, name))
+        img = read_image(image_path(self.root, name))
         chw = self.augment(img, self.rng_for(index))
         return torch.from_numpy(chw), torch.from_numpy(self.labels[name].copy())
 
@@ -112,7 +113,7 @@ class ImageDataset(Dataset):
         if not 0 <= index < len(self.names):
             raise IndexError(index)
         name = self.names[index]
-        item = {"name": name, "image": load_image(image_path(self.root, name))}
+        item = {"name": name, "image": read_image(image_path(self.root, name))}
         if self.labels is not None:
             item["label"] = self.labels[name].copy()
         return item

@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image
 
 from cse_ray import artifacts
-from cse_ray.data.voc import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, encode_label_png
+from cse_ray.data.voc import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from cse_ray.errors import UserError
+from cse_ray.formats import encode_label_png
 
 SPLITS = ("train", "val")
 PARAMS_FILE = "synth.json"

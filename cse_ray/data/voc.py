@@ -7,79 +7,29 @@ names the file and the problem, because a half-broken dataset is the most common
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cse_ray import artifacts
 from cse_ray.config import is_list_name
 from cse_ray.errors import UserError
+from cse_ray.formats import DECODE_ERRORS, read_label_png
+from cse_ray.labels import IGNORE_INDEX, VOC
 
-CLASS_NAMES: tuple[str, ...] = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
-NUM_CLASSES = 20
-CATEGORY_NAMES: tuple[str, ...] = ("background",) + CLASS_NAMES
-IGNORE_INDEX = 255
-CLASS_INDEX: dict[str, int] = {name: k for k, name in enumerate(CLASS_NAMES)}
+CLASS_NAMES: tuple[str, ...] = VOC.class_names
+NUM_CLASSES = VOC.num_classes
+CATEGORY_NAMES: tuple[str, ...] = VOC.category_names
+CLASS_INDEX: dict[str, int] = VOC.class_index()
 
 JPEG_EOI = b"\xff\xd9"
 LABELS_FILE = "cls_labels.npy"
-
-
-def _make_voc_palette() -> list[int]:
-    """The standard VOC colour map: the bits of the index spread over the high bits of R, G and B."""
-    palette: list[int] = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette.extend((red, green, blue))
-    return palette
-
-
-VOC_PALETTE: list[int] = _make_voc_palette()
-
-# Image exceptions PIL raises for broken files, besides OSError for truncation.
-_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    UnidentifiedImageError,
-    Image.DecompressionBombError,
-)
 
 
 # ------------------------------------------------------------------------------------------ names/lists
@@ -167,66 +117,6 @@ def mask_path(root: str | os.PathLike, name: str, sbd_root: str | os.PathLike | 
     return voc
 
 
-# ------------------------------------------------------------------------------------------ image files
-@contextlib.contextmanager
-def _strict_decoding() -> Iterator[None]:
-    """Make PIL fail on truncated files even if some other library relaxed the global flag."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _open_fully(path: Path, what: str) -> Image.Image:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} file not found") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read {what} file ({exc})") from None
-    if not data:
-        raise UserError(f"{path}: {what} file is empty")
-    try:
-        with _strict_decoding():
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (corrupt or unknown format)") from None
-    except _DECODE_ERRORS as exc:
-        raise UserError(f"{path}: {what} is truncated or corrupt ({exc})") from None
-    return img
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 HxWx3 RGB; grayscale, CMYK, palette and alpha images are converted."""
-    img = _open_fully(Path(path), "image")
-    if img.mode != "RGB":
-        try:
-            img = img.convert("RGB")
-        except (ValueError, OSError) as exc:
-            raise UserError(f"{path}: cannot convert {img.mode} image to RGB ({exc})") from None
-    return np.array(img, dtype=np.uint8)
-
-
-def load_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 HxW palette indices (0 background, 1..20 classes, 255 ignore) from a palette/grayscale PNG."""
-    path = Path(path)
-    img = _open_fully(path, "mask")
-    if img.mode not in ("P", "L"):
-        raise UserError(
-            f"{path}: mask must be a palette or grayscale PNG of class indices, got mode {img.mode}"
-        )
-    mask = np.array(img, dtype=np.uint8)
-    if expected_hw is not None and tuple(mask.shape) != tuple(expected_hw):
-        raise UserError(
-            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) does not match the image size "
-            f"{expected_hw[1]}x{expected_hw[0]}"
-        )
-    return mask
-
-
 def _jpeg_ends_with_eoi(path: Path) -> bool:
     """Cheap truncation test: a complete JPEG ends with the EOI marker (padding bytes tolerated)."""
     with open(path, "rb") as handle:
@@ -246,7 +136,7 @@ def _image_problem(path: Path) -> str | None:
             width, height = img.size
     except UnidentifiedImageError:
         return "not a readable image (corrupt or unknown format)"
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return f"cannot read image header ({exc})"
     if width <= 0 or height <= 0:
         return f"empty image ({width}x{height})"
@@ -275,30 +165,6 @@ def check_images(root: str | os.PathLike, names: Iterable[str]) -> None:
         raise UserError(f"{count} under {folder} have problems:\n  {shown}{more}")
 
 
-# ---------------------------------------------------------------------------------------- label masks
-def save_label_png(path: str | os.PathLike, label: np.ndarray) -> Path | str:
-    """Write a class-index map as a VOC palette PNG, atomically (a local path or an s3://, gs:// URI)."""
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"label map must be 2-D, got shape {label.shape}")
-    if label.dtype != np.uint8:
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError("label values must lie in 0..255")
-        label = label.astype(np.uint8)
-    artifacts.write_bytes(path, encode_label_png(label))
-    return str(path) if artifacts.is_uri(path) else Path(path)
-
-
-def encode_label_png(label: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 HxW index map in palette mode with the VOC palette."""
-    label = np.ascontiguousarray(label, dtype=np.uint8)
-    img = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
-    img.putpalette(VOC_PALETTE)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ------------------------------------------------------------------------------------ image-level labels
 def _classes_from_xml(path: Path) -> np.ndarray:
     try:
@@ -318,7 +184,7 @@ def _classes_from_xml(path: Path) -> np.ndarray:
 
 
 def _classes_from_mask(path: Path) -> np.ndarray:
-    mask = load_mask(path)
+    mask = read_label_png(path)
     values = np.unique(mask)
     bad = [int(v) for v in values if NUM_CLASSES < v < IGNORE_INDEX]
     if bad:
