@@ -19,6 +19,7 @@ import yaml
 
 from cse_ray import artifacts
 from cse_ray.errors import UserError
+from cse_ray.labels import LABEL_SPACES, LabelSpace, label_space
 
 # ---------------------------------------------------------------------------------------------- stages
 
@@ -49,12 +50,18 @@ class SynthConfig:
 class DataConfig:
     """Where the VOC-layout dataset is and which lists each stage reads."""
 
+    dataset: str = field(default="voc", metadata=_choices(*LABEL_SPACES))  # what the class indices mean
     root: str = ""  # VOC root; empty with synth.enabled -> RUN_DIR/data
     sbd_root: str = ""  # optional SBD (SegmentationClassAug) root
     train_list: str = "train"  # a name under ImageSets/Segmentation, or a path
     val_list: str = "val"  # per-epoch validation and the final CAM evaluation
     infer_list: str = "train"  # images that get pseudo-labels
     synth: SynthConfig = field(default_factory=SynthConfig)
+
+    @property
+    def labels(self) -> LabelSpace:
+        """The dataset's classes: every stage takes the class count and names from here."""
+        return label_space(self.dataset)
 
 
 @dataclass(frozen=True)

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad arguments, config or input files. The message names the key or file and what is wrong."""
+
+
+def short_error(err: BaseException) -> str:
+    """`Type: first line` of an exception (its cause, for Ray's wrapped task errors), for one-line reports."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:500] if lines else ''}"

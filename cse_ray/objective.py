@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cse_ray.models import frozen_layer_names
+from cse_ray.models import frozen_layer_names, unwrap
 
 MASK_NORMALIZATIONS = ("batch", "image")
 """How the erasing mask is scaled to [0, 1]: by the maximum over the batch (the reference) or per image."""
@@ -135,12 +135,6 @@ def freeze_classifier(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel / DataParallel wrapper (layer names are its own)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 def _is_frozen_batchnorm(module: nn.Module) -> bool:

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cse_ray.models import param_groups
-from cse_ray.objective import unwrap
+from cse_ray.models import param_groups, unwrap
 
 OPTIMIZER_MODES = ("faithful", "fixed")
 FIXED_MOMENTUM = 0.9

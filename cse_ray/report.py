@@ -12,6 +12,7 @@ import numpy as np
 
 from cse_ray import artifacts
 from cse_ray.evaluate import EvalResult
+from cse_ray.metrics import best_alpha
 
 REPORT_FILE = "report.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
@@ -29,9 +30,7 @@ class PipelineResults:
 
     @property
     def best_alpha(self) -> float | None:
-        if not self.cse_crf:
-            return None
-        return max(self.cse_crf, key=lambda alpha: (self.cse_crf[alpha].miou, -alpha))
+        return best_alpha({alpha: result.miou for alpha, result in self.cse_crf.items()})
 
 
 def report_dict(results: PipelineResults, out: str) -> dict:

@@ -12,10 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from cse_ray.data.voc import NUM_CLASSES
 from cse_ray.errors import UserError
 from cse_ray.models.resnet38d import FEATURE_STRIDE, FROZEN_PREFIXES, HEAD_NAME, ResNet38d
-from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights
+from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights, unwrap
 
 __all__ = [
     "FEATURE_STRIDE",
@@ -30,6 +29,7 @@ __all__ = [
     "load_weights",
     "param_groups",
     "read_weights",
+    "unwrap",
 ]
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -46,10 +46,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }
 _OPTIONS = ("widths", "blocks", "head_dropout", "dilated")
+VOC_CLASSES = 20  # the published checkpoints' fc8 (INTERFACE.md: build_classifier(name, num_classes=20))
 
 
 def build_classifier(
-    name: str, num_classes: int = NUM_CLASSES, dropout: Sequence[float] = (0.2, 0.2), **options: Any
+    name: str, num_classes: int = VOC_CLASSES, dropout: Sequence[float] = (0.2, 0.2), **options: Any
 ) -> nn.Module:
     """A CAM classifier: `forward(images) -> (cam N x C x H/8 x W/8 before ReLU, logits N x C)`.
 

@@ -175,8 +175,9 @@ def _is_state_dict(mapping: dict) -> bool:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel / DataParallel wrapper (layer names are its own)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
 
 
@@ -210,7 +211,7 @@ def load_weights(
     """
     path = str(path)
     state, file_format, ignored = read_weights(path)
-    target = _unwrap(model)
+    target = unwrap(model)
     model_state = target.state_dict()
     loaded, missing, unused = _match(model_state, state, path)
     if strict:
