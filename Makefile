@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cse-ray-installed
 
-.PHONY: setup demo smoke test lint clean
+.PHONY: setup demo smoke test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check cse_ray jobs tests benchmarks
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)   # everything that does not start Ray, in about a minute
+	$(PY) -m ruff check cse_ray jobs tests benchmarks
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check cse_ray jobs tests benchmarks

@@ -1,4 +1,4 @@
-"""`cse-ray` command line: parse, load and validate the config, call one stage function.
+"""The `cse-ray` command: parse, load and validate the config, call one stage function.
 
 Exit codes: 0 success, 2 bad arguments/config/input (one message, no traceback), 1 failure during the
 run. Every stage import happens inside its command so that `--help` and config errors are instant and
@@ -12,7 +12,22 @@ import sys
 import traceback
 from pathlib import Path
 
+from cse_ray import __version__
 from cse_ray.errors import UserError
+
+DESCRIPTION = """\
+OC-CSE (class-specific adversarial erasing) for weakly supervised semantic segmentation on Ray:
+train the CAM classifier and the eraser on Ray Train, infer multi-scale CAMs and dense-CRF
+pseudo-labels on Ray actors and tasks, evaluate, and sweep hyperparameters with Ray Tune.
+Every stage writes under --out and resumes when run again."""
+
+EPILOG = """\
+examples:
+  cse-ray pipeline --config configs/demo.yaml --out runs/demo
+  cse-ray train-cse --config configs/voc12.yaml train_cse.lr=0.02 train_cse.num_workers=8
+  cse-ray evaluate --pred runs/demo/cams --gt runs/demo/data/SegmentationClass \\
+      --list runs/demo/data/ImageSets/Segmentation/val.txt --task cam
+docs: README.md, docs/CONFIG.md (every config key), docs/ARCHITECTURE.md"""
 
 CONFIG_COMMANDS = {
     "train-cam": "train the ordinary CAM classifier on Ray Train",
@@ -25,18 +40,25 @@ CONFIG_COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cse-ray", description=__doc__.splitlines()[0])
+    from cse_ray.config import SynthConfig
+
+    parser = argparse.ArgumentParser(prog="cse-ray", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cse-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    d = SynthConfig()  # the one owner of the synthetic set's defaults
     synth = sub.add_parser("synth", help="write the embedded synthetic dataset in the VOC layout")
     synth.add_argument("--out", required=True, help="dataset root to write")
-    synth.add_argument("--train", type=int, default=200, help="training images (default 200)")
-    synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
-    synth.add_argument("--size", type=int, default=128, help="long side in pixels (default 128)")
-    synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
-    synth.add_argument("--part-strength", type=float, default=1.0, help="salience of the part, 0..1")
-    synth.add_argument("--body-strength", type=float, default=0.8, help="salience of the body, 0..1")
-    synth.add_argument("--body-texture", choices=("class", "family"), default="class",
+    synth.add_argument("--train", type=int, default=d.train, help=f"training images (default {d.train})")
+    synth.add_argument("--val", type=int, default=d.val, help=f"validation images (default {d.val})")
+    synth.add_argument("--size", type=int, default=d.size, help=f"long side in pixels (default {d.size})")
+    synth.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same bytes (default {d.seed})")
+    synth.add_argument("--part-strength", type=float, default=d.part_strength,
+                       help=f"salience of the part, 0..1 (default {d.part_strength:g})")
+    synth.add_argument("--body-strength", type=float, default=d.body_strength,
+                       help=f"salience of the body, 0..1 (default {d.body_strength:g})")
+    synth.add_argument("--body-texture", choices=("class", "family"), default=d.body_texture,
                        help="family: a colour family shares one body texture (docs/SYNTHETIC.md)")
 
     data = sub.add_parser("data", help="dataset utilities")
@@ -59,17 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred", required=True, help="directory of predictions")
     ev.add_argument("--gt", required=True, help="directory of ground-truth PNGs")
     ev.add_argument("--list", required=True, dest="list_path", help="image list")
-    ev.add_argument("--task", choices=("cam", "label"), default="cam")
-    ev.add_argument("--format", choices=("native", "seed"), default="native", dest="fmt")
+    ev.add_argument("--task", choices=("cam", "label"), default="cam",
+                    help="cam: CAM files with a background-threshold search; label: label PNGs (default cam)")
+    ev.add_argument("--format", choices=("native", "seed"), default="native", dest="fmt",
+                    help="native: cse-ray's .npz/.png; seed: the reference's .npy dicts (default native)")
     ev.add_argument("--out", default=None, help="write the JSON report (and .md/.parquet/.png beside)")
-    ev.add_argument("--thresholds", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None)
+    ev.add_argument("--thresholds", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None,
+                    help="background thresholds to sweep, stop included (default: evaluate.threshold_* "
+                         "of the config defaults, 0.10 0.39 0.01)")
     ev.add_argument("--log-dir", default=None, help="also write TensorBoard scalars here")
 
     weights = sub.add_parser("weights", help="weight files")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="SUBCOMMAND")
     convert = weights_sub.add_parser("convert", help="MXNet .params or DataParallel .pth -> state dict")
-    convert.add_argument("src")
-    convert.add_argument("dst")
+    convert.add_argument("src", help="MXNet .params or a (DataParallel) .pth checkpoint")
+    convert.add_argument("dst", help="plain torch state dict to write (.pth)")
     convert.add_argument("--model", default="resnet38d", help="network the file is for")
     return parser
 

@@ -13,6 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that starts Ray is slow: `pytest -m "not slow"` (make test-fast) runs the rest."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_tmpdir() -> Iterator[str]:
     """A short RAY_TMPDIR (Ray's socket paths must stay under 107 characters)."""

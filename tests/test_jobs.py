@@ -34,6 +34,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # ray start processes / a multi-node Cluster
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT_S = 240

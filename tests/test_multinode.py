@@ -26,6 +26,8 @@ from cse_ray.data.synth import generate
 from cse_ray.infer import read_manifest, run_infer
 from cse_ray.models import build_classifier
 
+pytestmark = pytest.mark.slow  # ray start processes / a multi-node Cluster
+
 NUM_IMAGES = 6
 
 

@@ -1,0 +1,186 @@
+"""The run configuration's schema: one frozen dataclass per stage, each default beside its component.
+
+Defaults are the paper's settings where the paper has one (METHOD.md); `configs/voc12.yaml` states the
+full VOC recipe. Field metadata carries the allowed range or choices that `cse_ray.config.loading`
+checks, so a key's type, default and bounds live in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cse_ray.labels import LABEL_SPACES, LabelSpace, label_space
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The embedded synthetic dataset (`cse-ray synth`); generated into `data.root` when enabled."""
+
+    enabled: bool = False
+    train: int = field(default=200, metadata=_range(1))
+    val: int = field(default=50, metadata=_range(1))
+    size: int = field(default=128, metadata=_range(32))
+    seed: int = field(default=0, metadata=_range(0))
+    part_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    body_texture: str = field(default="class", metadata=_choices("class", "family"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the VOC-layout dataset is and which lists each stage reads."""
+
+    dataset: str = field(default="voc", metadata=_choices(*LABEL_SPACES))  # what the class indices mean
+    root: str = ""  # VOC root; empty with synth.enabled -> RUN_DIR/data
+    sbd_root: str = ""  # optional SBD (SegmentationClassAug) root
+    train_list: str = "train"  # a name under ImageSets/Segmentation, or a path
+    val_list: str = "val"  # per-epoch validation and the final CAM evaluation
+    infer_list: str = "train"  # images that get pseudo-labels
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    @property
+    def labels(self) -> LabelSpace:
+        """The dataset's classes: every stage takes the class count and names from here."""
+        return label_space(self.dataset)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network shared by both stages (METHOD.md: same architecture for OC and eraser)."""
+
+    backbone: str = "resnet38d"  # or resnet38d_small / resnet38d_tiny / resnet38d_tiny_undilated for CPU
+    pretrained: str = ""  # ImageNet weights (.params or .pth); empty = random init
+
+
+@dataclass(frozen=True)
+class TrainCamConfig:
+    """The ordinary classifier (psa's train_cls recipe)."""
+
+    epochs: int = field(default=15, metadata=_range(1))
+    batch_size: int = field(default=16, metadata=_range(1))  # global: per-worker batch x workers
+    lr: float = field(default=0.1, metadata=_range(0.0))
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    momentum_mode: str = field(default="faithful", metadata=_choices("faithful", "fixed"))
+    crop: int = field(default=448, metadata=_range(16))
+    resize_long: tuple[int, int] = (256, 448)
+    jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
+    dropout: tuple[float, float] = (0.2, 0.2)  # b6, b7
+    # "reference": conv1a, b2* and every BatchNorm frozen (psa/OC-CSE, needs pretrained weights);
+    # "none": everything trains (for networks trained from scratch, e.g. on the synthetic set).
+    freeze: str = field(default="reference", metadata=_choices("reference", "none"))
+    num_workers: int = field(default=1, metadata=_range(1))  # Ray Train workers
+    cpus_per_worker: int = field(default=1, metadata=_range(1))
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
+    bf16: bool = False
+    loader_workers: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=4242, metadata=_range(0))
+    log_every: int = field(default=20, metadata=_range(1))
+    max_failures: int = field(default=2, metadata=_range(0))
+    val_scales: tuple[float, ...] = (1.0,)  # CAM scales for the per-epoch validation
+    val_images: int = field(default=0, metadata=_range(0))  # 0 = the whole validation list
+    # Which epoch's weights become model.pth: psa's train_cls keeps the last, OC-CSE the best by val mIoU.
+    keep: str = field(default="last", metadata=_choices("last", "best"))
+
+
+@dataclass(frozen=True)
+class TrainCseConfig(TrainCamConfig):
+    """The eraser against the frozen ordinary classifier (METHOD.md defaults)."""
+
+    lr: float = field(default=0.01, metadata=_range(0.0))
+    batch_size: int = field(default=8, metadata=_range(1))
+    crop: int = field(default=384, metadata=_range(16))
+    dropout: tuple[float, float] = (0.3, 0.5)
+    cc_init: float = field(default=0.3, metadata=_range(0.0))
+    cc_slope: float = field(default=0.05, metadata=_range(0.0))
+    mask_norm: str = field(default="batch", metadata=_choices("batch", "image"))
+    init: str = field(default="pretrained", metadata=_choices("pretrained", "classifier"))
+    keep: str = field(default="best", metadata=_choices("last", "best"))
+    classifier: str = ""  # frozen classifier checkpoint; empty = this run's train_cam result
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Multi-scale CAM inference on a pool of Ray actors."""
+
+    checkpoint: str = ""  # empty = OUT/train_cse/model.pth (the eraser trained with the same --out)
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    num_actors: int = field(default=1, metadata=_range(1))
+    cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    gpus_per_actor: float = field(default=1.0, metadata=_range(0.0))  # used when the cluster has GPUs
+    max_in_flight: int = field(default=8, metadata=_range(1))
+    bf16: bool = False
+    threshold: float = field(default=-1.0, metadata=_range(-1.0, 1.0))  # -1 = best threshold from eval
+    save_seed: bool = False  # also write the reference's .npy dicts
+    overlays: int = field(default=0, metadata=_range(0))  # CAM overlay PNGs for the first N images
+    max_restarts: int = field(default=2, metadata=_range(0))
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
+    # Extra Ray resources each CAM actor asks for, e.g. {cam: 0.01} to keep them on the GPU nodes
+    # of cluster.yaml (docs/CLUSTER.md); empty on one machine.
+    cam_resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CrfConfig:
+    """Dense CRF refinement (psa parameters) as Ray CPU tasks."""
+
+    enabled: bool = True
+    alphas: tuple[float, ...] = (6.0, 10.0, 24.0)
+    pseudo_from: str = field(default="crf", metadata=_choices("crf", "cam"))
+    pseudo_alpha: float = field(default=-1.0, metadata=_range(-1.0))  # -1 = best alpha from eval
+    iterations: int = field(default=10, metadata=_range(1))
+    gauss_sxy: float = field(default=3.0, metadata=_range(0.0, lo_open=True))
+    gauss_compat: float = field(default=3.0, metadata=_range(0.0))
+    bilateral_sxy: float = field(default=80.0, metadata=_range(0.0, lo_open=True))
+    bilateral_srgb: float = field(default=13.0, metadata=_range(0.0, lo_open=True))
+    bilateral_compat: float = field(default=10.0, metadata=_range(0.0))
+    cpus_per_task: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # Extra Ray resources each CRF (and pseudo-label) task asks for, e.g. {crf: 0.01} for the CPU
+    # nodes of cluster.yaml; empty on one machine.
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Background-threshold search for CAM mIoU (the reference sweeps 0.10..0.39)."""
+
+    threshold_start: float = field(default=0.10, metadata=_range(0.0, 1.0))
+    threshold_stop: float = field(default=0.39, metadata=_range(0.0, 1.0))
+    threshold_step: float = field(default=0.01, metadata=_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over train_cse keys (any config key can be searched)."""
+
+    num_samples: int = field(default=4, metadata=_range(1))
+    max_concurrent_trials: int = field(default=0, metadata=_range(0))  # 0 = as resources allow
+    cpus_per_trial: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    gpus_per_trial: float = field(default=0.0, metadata=_range(0.0))
+    scheduler: str = field(default="asha", metadata=_choices("asha", "none"))
+    grace_period: int = field(default=1, metadata=_range(1))
+    reduction_factor: float = field(default=2.0, metadata=_range(1.0, lo_open=True))
+    search_alg: str = field(default="random", metadata=_choices("random", "optuna"))
+    seed: int = field(default=0, metadata=_range(0))
+    space: dict = field(default_factory=dict)  # dotted key -> {grid|choice|uniform|loguniform: ...}
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
+    train_cse: TrainCseConfig = field(default_factory=TrainCseConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
