@@ -55,8 +55,10 @@ def erase_mask(cam_er: Tensor, mask_class: Tensor, image_hw: tuple[int, int] | t
     """The mask-class CAM at image size, ReLU, scaled by (max + 1e-5): N x 1 x H x W.
 
     ``normalize="batch"`` takes the maximum over the whole batch as the reference does, so an image
-    whose CAM is weak is erased weakly; ``"image"`` scales each image by its own maximum. Selecting the
-    channel before upsampling is the same as after (bilinear interpolation is per channel) and cheaper.
+    whose CAM is weak is erased weakly; under DDP that is the global batch of all workers
+    (`global_batch_max`), so N workers erase exactly as one. ``"image"`` scales each image by its own
+    maximum, which no split can change. Selecting the channel before upsampling is the same as after
+    (bilinear interpolation is per channel) and cheaper.
     """
     if normalize not in MASK_NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {MASK_NORMALIZATIONS}, got {normalize!r}")
@@ -65,10 +67,51 @@ def erase_mask(cam_er: Tensor, mask_class: Tensor, image_hw: tuple[int, int] | t
     selected = cam_er.gather(1, index)
     mask = F.relu(F.interpolate(selected, size=tuple(image_hw), mode="bilinear", align_corners=False))
     if normalize == "batch":
-        peak = mask.amax()
+        peak = global_batch_max(mask.amax())
     else:
         peak = mask.amax(dim=(1, 2, 3), keepdim=True)
     return mask / (peak + MASK_EPS)
+
+
+class _GlobalMax(torch.autograd.Function):
+    """The maximum of one scalar per worker, with the gradient of a maximum over the gathered batch.
+
+    Forward: an all-reduce MAX. Backward: the reference (DataParallel) computes every image's loss
+    from one batch-wide maximum, so d(total loss)/d(max) collects a term from every image and flows
+    to the image that holds the maximum. Here each worker's loss only sees its own images, so the
+    gradients with respect to the maximum are summed over workers (an all-reduce SUM) and handed to
+    the worker(s) holding it; DDP's gradient averaging then gives the single-process step exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        peak = local.detach().clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        holds = (local.detach() == peak).to(local.dtype)
+        holders = holds.clone()
+        dist.all_reduce(holders)  # ties between workers share the gradient, as amax shares it
+        ctx.save_for_backward(holds / holders)
+        return peak
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        (share,) = ctx.saved_tensors
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total * share
+
+
+def global_batch_max(local_max: Tensor) -> Tensor:
+    """The maximum over every worker's batch (this process's maximum when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local_max
+    return _GlobalMax.apply(local_max)
 
 
 def topk_recall(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
