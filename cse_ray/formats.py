@@ -127,7 +127,13 @@ def write_rgb_png(path: str | os.PathLike, image: np.ndarray) -> str:
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of a uint8 H x W x 3 image (the synthetic datasets' images)."""
+    """JPEG bytes of a uint8 H x W x 3 image (the synthetic datasets' images).
+
+    Chroma is kept at full resolution (4:4:4): few-pixel saturated details, such as the synthetic
+    set's parts, would otherwise bleed into their neighbours' colours.
+    """
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
+        buffer, format="JPEG", quality=quality, subsampling=0, optimize=False
+    )
     return buffer.getvalue()
