@@ -74,6 +74,41 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+JPEG_EOI = b"\xff\xd9"
+
+
+def _jpeg_ends_with_eoi(path: str | os.PathLike) -> bool:
+    """Cheap truncation test: a complete JPEG ends with the EOI marker (padding bytes tolerated)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64))
+        tail = handle.read()
+    return JPEG_EOI in tail.rstrip(b"\x00\r\n ")[-16:]
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a local image file, from its header and (for a JPEG) its last bytes, or None.
+
+    Much cheaper than decoding: it lets a stage check thousands of images before a long run starts.
+    """
+    if not os.path.isfile(path):
+        return "file not found"
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            width, height = img.size
+    except UnidentifiedImageError:
+        return "not a readable image (corrupt or unknown format)"
+    except DECODE_ERRORS as exc:
+        return f"cannot read image header ({exc})"
+    if width <= 0 or height <= 0:
+        return f"empty image ({width}x{height})"
+    if fmt == "JPEG" and not _jpeg_ends_with_eoi(path):
+        return "JPEG is truncated (no end-of-image marker)"
+    return None
+
+
 def read_label_png(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None,
                    what: str = "mask") -> np.ndarray:
     """uint8 H x W class indices from a palette or grayscale PNG (a mask, a CRF map, a pseudo-label)."""
@@ -127,7 +162,13 @@ def write_rgb_png(path: str | os.PathLike, image: np.ndarray) -> str:
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of a uint8 H x W x 3 image (the synthetic datasets' images)."""
+    """JPEG bytes of a uint8 H x W x 3 image (the synthetic datasets' images).
+
+    Chroma is kept at full resolution (4:4:4): few-pixel saturated details, such as the synthetic
+    set's parts, would otherwise bleed into their neighbours' colours.
+    """
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
+        buffer, format="JPEG", quality=quality, subsampling=0, optimize=False
+    )
     return buffer.getvalue()

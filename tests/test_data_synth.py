@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cse_ray.config import SynthConfig
 from cse_ray.data import synth
 from cse_ray.errors import UserError
 
@@ -196,3 +198,40 @@ def test_family_texture_changes_only_the_bodies_whose_class_texture_differs() ->
 def test_bad_design_options_name_the_key(options: dict, key: str) -> None:
     with pytest.raises(UserError, match=key):
         synth.make_options(**options)
+
+
+def test_defaults_are_the_configs() -> None:
+    """config.SynthConfig owns the defaults: the API, the design options and a config agree."""
+    config = SynthConfig()
+    parameters = inspect.signature(synth.generate).parameters
+    assert {key: parameters[key].default for key in ("train", "val", "size", "seed")} == {
+        "train": config.train, "val": config.val, "size": config.size, "seed": config.seed,
+    }
+    options = synth.SynthOptions()
+    assert (options.part_strength, options.body_strength, options.body_texture) == (
+        config.part_strength, config.body_strength, config.body_texture,
+    )
+
+
+def test_a_config_writes_the_same_set_as_its_values(tmp_path: Path) -> None:
+    config = SynthConfig(
+        enabled=True, train=3, val=1, size=48, seed=2, body_strength=0.5, body_texture="family"
+    )
+    from_config = synth.generate_from_config(tmp_path / "config", config)
+    direct = synth.generate(tmp_path / "direct", train=3, val=1, size=48, seed=2, body_strength=0.5,
+                            body_texture="family")
+    assert from_config["options"] == direct["options"] and from_config["options"]["body_texture"] == "family"
+    assert read_tree(tmp_path / "config") == read_tree(tmp_path / "direct")
+
+
+def test_annotation_xml_escapes_and_lays_out_like_voc() -> None:
+    objects = [synth.SynthObject(7, (1, 2, 30, 40), truncated=True)]
+    text = synth.annotation_xml("a&b", 64, 48, objects)
+    assert text.startswith("<annotation>\n\t<folder>VOC2012</folder>\n") and text.endswith("</annotation>\n")
+    assert "<filename>a&amp;b.jpg</filename>" in text
+    root = ET.fromstring(text)
+    assert root.findtext("object/name") == "cat" and root.findtext("object/truncated") == "1"
+    assert [root.findtext(f"object/bndbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax")] == [
+        "1", "2", "30", "40",
+    ]
+    assert "\t\t\t<xmin>1</xmin>" in text

@@ -13,6 +13,7 @@ from cse_ray.data import transforms as T
 from cse_ray.data import voc
 from cse_ray.data.datasets import ImageDataset, TrainDataset
 from cse_ray.errors import UserError
+from cse_ray.labels import custom_label_space
 
 
 def gradient_image(height: int, width: int) -> np.ndarray:
@@ -141,6 +142,18 @@ def test_train_dataset_requires_a_label_for_every_image(tiny_voc) -> None:
     root, names, labels = tiny_voc
     with pytest.raises(UserError, match="tall"):
         TrainDataset(root, names, {"wide": labels["wide"]}, crop=32)
+
+
+def test_datasets_check_labels_against_the_label_space(tiny_voc) -> None:
+    root, names, labels = tiny_voc
+    three = custom_label_space(3)
+    short = {name: vec[:3] for name, vec in labels.items()}
+    assert TrainDataset(root, names, short, crop=32, space=three)[0][1].shape == (3,)
+    assert ImageDataset(root, names, short, space=three)[1]["label"].shape == (3,)
+    with pytest.raises(UserError, match=r"label of 'wide' has 20 entries, expected 3"):
+        TrainDataset(root, names, labels, crop=32, space=three)
+    with pytest.raises(UserError, match=r"label of 'wide' has 3 entries, expected 20"):
+        ImageDataset(root, names, short)
 
 
 def test_image_dataset_yields_unaugmented_images(tiny_voc) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from cse_ray import formats
 from cse_ray.data import voc
 from cse_ray.errors import UserError
-from cse_ray.labels import PALETTE
+from cse_ray.labels import PALETTE, custom_label_space
 
 
 def write_jpeg(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
@@ -58,70 +57,18 @@ def test_constants_describe_voc() -> None:
     assert PALETTE[255 * 3 :] == [224, 224, 192]  # ignore
 
 
-def test_read_list_accepts_plain_and_psa_formats(tmp_path: Path) -> None:
-    plain = tmp_path / "plain.txt"
-    plain.write_text("2007_000032\n\n2007_000039\n")
-    psa = tmp_path / "psa.txt"
-    psa.write_text(
-        "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n"
-        "/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png\n\n"
-    )
-    assert voc.read_list(plain) == ["2007_000032", "2007_000039"]
-    assert voc.read_list(psa) == ["2007_000032", "2007_000039"]
-
-
 def test_list_path_maps_split_names_and_keeps_paths(tmp_path: Path) -> None:
     assert voc.list_path(tmp_path, "train") == tmp_path / "ImageSets" / "Segmentation" / "train.txt"
     assert voc.list_path(tmp_path, "lists/my.txt") == Path("lists/my.txt")
 
 
-@pytest.mark.parametrize("bad_name", ["a/b", "..", "x..y", "a\\b"])
-def test_read_list_rejects_names_that_escape_the_dataset(tmp_path: Path, bad_name: str) -> None:
-    path = tmp_path / "bad_list.txt"
-    path.write_text(f"ok_name\n{bad_name}\n")
-    with pytest.raises(UserError, match=r"bad_list\.txt:2") as info:
-        voc.read_list(path)
-    assert repr(bad_name) in str(info.value) and "must not contain" in str(info.value)
-
-
-def test_validate_name_rejects_empty_name() -> None:
-    with pytest.raises(UserError, match="empty"):
-        voc.validate_name("")
-
-
-def test_read_list_names_the_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"nowhere\.txt.*not found"):
-        voc.read_list(tmp_path / "nowhere.txt")
-
-
-def test_load_image_converts_grayscale_and_cmyk_to_rgb(tmp_path: Path) -> None:
-    rgb = smooth_image()
-    for mode in ("L", "CMYK"):
-        path = write_jpeg(tmp_path / f"{mode}.jpg", rgb, mode)
-        with Image.open(path) as stored:
-            assert stored.mode == mode
-        loaded = formats.read_image(path)
-        assert loaded.dtype == np.uint8 and loaded.shape == (40, 56, 3)
-    gray = formats.read_image(tmp_path / "L.jpg")
-    assert np.array_equal(gray[..., 0], gray[..., 2])  # grey stays grey after conversion
-    cmyk = formats.read_image(tmp_path / "CMYK.jpg").astype(int)
-    assert np.abs(cmyk - rgb.astype(int)).mean() < 12  # CMYK decoded back to roughly the same colours
-
-
-def test_truncated_and_corrupt_images_are_user_errors_naming_the_file(tmp_path: Path) -> None:
+def test_check_images_names_every_broken_image(tmp_path: Path) -> None:
     good = write_jpeg(tmp_path / "JPEGImages" / "good.jpg", smooth_image(120, 160))
     data = good.read_bytes()
     truncated = tmp_path / "JPEGImages" / "cut.jpg"
     truncated.write_bytes(data[: len(data) // 2])
     corrupt = tmp_path / "JPEGImages" / "junk.jpg"
     corrupt.write_bytes(b"this is not an image at all" * 10)
-
-    with pytest.raises(UserError, match=r"cut\.jpg.*truncated"):
-        formats.read_image(truncated)
-    with pytest.raises(UserError, match=r"junk\.jpg.*not a readable image"):
-        formats.read_image(corrupt)
-    with pytest.raises(UserError, match=r"absent\.jpg.*not found"):
-        formats.read_image(tmp_path / "absent.jpg")
 
     with pytest.raises(UserError) as info:
         voc.check_images(tmp_path, ["good", "cut", "junk", "absent"])
@@ -142,32 +89,6 @@ def test_check_images_reports_count_and_first_ten(tmp_path: Path) -> None:
     assert message.startswith("13 of 13 images")
     assert "missing_09.jpg" in message and "missing_10.jpg" not in message
     assert "and 3 more" in message
-
-
-def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
-    path = formats.write_label_png(tmp_path / "SegmentationClass" / "m.png", np.zeros((30, 40), np.uint8))
-    assert formats.read_label_png(path, expected_hw=(30, 40)).shape == (30, 40)
-    with pytest.raises(UserError, match=r"m\.png: mask size 40x30 .*does not match the image size 41x30"):
-        formats.read_label_png(path, expected_hw=(30, 41))
-
-
-def test_rgb_mask_is_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "rgb.png"
-    Image.fromarray(smooth_image()).save(path)
-    with pytest.raises(UserError, match=r"rgb\.png: mask must be a palette"):
-        formats.read_label_png(path)
-
-
-def test_save_label_png_writes_voc_palette_atomically(tmp_path: Path) -> None:
-    label = np.zeros((12, 17), np.uint8)
-    label[2:6, 3:9] = 15
-    label[6, :] = 255
-    path = formats.write_label_png(tmp_path / "out" / "x.png", label)
-    with Image.open(path) as img:
-        assert img.mode == "P"
-        assert img.getpalette()[15 * 3 : 16 * 3] == [192, 128, 128]
-        assert np.array_equal(np.array(img), label)
-    assert sorted(p.name for p in Path(path).parent.iterdir()) == ["x.png"]  # no temp files left behind
 
 
 def test_image_labels_from_xml_and_mask_fallback_with_cache(tmp_path: Path) -> None:
@@ -192,18 +113,24 @@ def test_image_labels_from_xml_and_mask_fallback_with_cache(tmp_path: Path) -> N
     assert set(stored) == {"a", "b"}
 
 
-def test_labels_json_round_trip(tmp_path: Path) -> None:
-    labels = {"x": np.eye(20, dtype=np.float32)[3], "y": np.zeros(20, np.float32)}
-    path = voc.save_labels(tmp_path / "labels.json", labels)
-    assert json.loads(path.read_text())["labels"]["x"] == ["boat"]
-    loaded = voc.load_labels(path)
-    assert set(loaded) == {"x", "y"} and np.array_equal(loaded["x"], labels["x"])
-
-
 def test_unknown_class_in_annotation_names_the_file(tmp_path: Path) -> None:
     write_xml(voc.annotation_path(tmp_path, "odd"), ["cat", "unicorn"])
     with pytest.raises(UserError, match=r"odd\.xml: unknown class name 'unicorn'"):
         voc.read_image_labels(tmp_path, ["odd"])
+
+
+def test_mask_labels_follow_the_label_space(tmp_path: Path) -> None:
+    mask = np.zeros((6, 6), np.uint8)
+    mask[:2] = 3
+    mask[4:] = 255
+    formats.write_label_png(tmp_path / "SegmentationClass" / "m.png", mask)
+    three = custom_label_space(3)
+    assert voc.image_label(tmp_path, "m", space=three).tolist() == [0.0, 0.0, 1.0]
+    assert np.flatnonzero(voc.image_label(tmp_path, "m")).tolist() == [2]  # VOC: class 3 is "bird"
+    mask[:2] = 4
+    formats.write_label_png(tmp_path / "SegmentationClass" / "m.png", mask)
+    with pytest.raises(UserError, match=r"m\.png: mask has values \[4\] outside 0..3 and 255"):
+        voc.image_label(tmp_path, "m", space=three)
 
 
 def test_missing_label_sources_are_named(tmp_path: Path) -> None:

@@ -1,1 +1,11 @@
-"""Data layer: PASCAL VOC reading/writing, augmentation, torch datasets and the synthetic VOC-style set."""
+"""Data layer: what a run reads, and the synthetic set it can write.
+
+    names         image names and list files (the safe-name rule, plain and psa list formats)
+    image_labels  multi-hot image-level labels per LabelSpace and their files (cls_labels.npy, .json)
+    voc           the PASCAL VOC (+ SBD) layout: paths, the up-front image check, labels from XML/masks,
+                  `write_lists`
+    prepare       a config's dataset: its root (generated when synthetic) and each stage's Split
+    transforms    augmentation and resizing on uint8/float32 numpy images
+    datasets      torch datasets: augmented training crops, plain images for inference
+    synth         the embedded synthetic dataset in the VOC layout (package)
+"""

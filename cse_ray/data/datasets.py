@@ -10,12 +10,15 @@ import torch
 from torch.utils.data import Dataset
 
 from cse_ray.data import transforms
-from cse_ray.data.voc import NUM_CLASSES, image_path, validate_name
+from cse_ray.data.voc import image_path, validate_name
 from cse_ray.errors import UserError
 from cse_ray.formats import read_image
+from cse_ray.labels import VOC, LabelSpace
 
 
-def _checked_labels(names: Sequence[str], labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _checked_labels(
+    names: Sequence[str], labels: dict[str, np.ndarray], num_classes: int
+) -> dict[str, np.ndarray]:
     missing = [name for name in names if name not in labels]
     if missing:
         shown = ", ".join(missing[:5])
@@ -25,8 +28,8 @@ def _checked_labels(names: Sequence[str], labels: dict[str, np.ndarray]) -> dict
     checked = {}
     for name in names:
         vec = np.asarray(labels[name], np.float32).reshape(-1)
-        if vec.shape != (NUM_CLASSES,):
-            raise UserError(f"label of {name!r} has {vec.size} entries, expected {NUM_CLASSES}")
+        if vec.shape != (num_classes,):
+            raise UserError(f"label of {name!r} has {vec.size} entries, expected {num_classes}")
         checked[name] = vec
     return checked
 
@@ -50,10 +53,11 @@ class TrainDataset(Dataset):
         jitter: bool = True,
         seed: int = 0,
         jitter_strength: dict[str, float] | None = None,
+        space: LabelSpace = VOC,
     ) -> None:
         self.root = root
         self.names = [validate_name(name) for name in names]
-        self.labels = _checked_labels(self.names, labels)
+        self.labels = _checked_labels(self.names, labels, space.num_classes)
         if crop <= 0:
             raise UserError(f"crop must be positive, got {crop}")
         if resize_long is not None and not 0 < resize_long[0] <= resize_long[1]:
@@ -100,11 +104,15 @@ class ImageDataset(Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, names: Sequence[str], labels: dict[str, np.ndarray] | None = None
+        self,
+        root: str | os.PathLike,
+        names: Sequence[str],
+        labels: dict[str, np.ndarray] | None = None,
+        space: LabelSpace = VOC,
     ) -> None:
         self.root = root
         self.names = [validate_name(name) for name in names]
-        self.labels = _checked_labels(self.names, labels) if labels is not None else None
+        self.labels = _checked_labels(self.names, labels, space.num_classes) if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.names)

@@ -15,17 +15,24 @@ from cse_ray import artifacts
 from cse_ray.config import Config
 from cse_ray.data import voc
 from cse_ray.errors import UserError
+from cse_ray.labels import VOC, LabelSpace
+from cse_ray.layout import RunLayout
 
 LIST_KEYS = ("train_list", "val_list", "infer_list")
 
 
 @dataclass(frozen=True)
 class Split:
-    """The images of one list with their image-level labels (20 multi-hot floats)."""
+    """The images of one list with their image-level labels (one multi-hot float per class of `space`)."""
 
     root: str
     names: tuple[str, ...]
     labels: dict[str, np.ndarray]
+    space: LabelSpace = VOC
+
+    @property
+    def num_classes(self) -> int:
+        return self.space.num_classes
 
 
 def resolve_data_root(cfg: Config, out: str) -> str:
@@ -34,21 +41,11 @@ def resolve_data_root(cfg: Config, out: str) -> str:
     if not root:
         if artifacts.is_uri(out):
             raise UserError("config key data.root: required when --out is a URI (the data must be local)")
-        root = str(Path(out) / "data")
+        root = RunLayout.at(out).data
     if cfg.data.synth.enabled:
-        from cse_ray.data.synth import generate
+        from cse_ray.data.synth import generate_from_config
 
-        s = cfg.data.synth
-        generate(
-            root,
-            train=s.train,
-            val=s.val,
-            size=s.size,
-            seed=s.seed,
-            part_strength=s.part_strength,
-            body_strength=s.body_strength,
-            body_texture=s.body_texture,
-        )
+        generate_from_config(root, cfg.data.synth)
     elif not Path(root, "JPEGImages").is_dir():
         raise UserError(f"config key data.root: {root} has no JPEGImages directory (not a VOC root)")
     return root
@@ -76,6 +73,8 @@ def load_split(
                 f"config key data.{key}: {len(missing)} images of {path} have no ground-truth mask, "
                 f"e.g. {voc.mask_path(root, missing[0], sbd)}"
             )
-    cache = Path(root, "cls_labels.npy") if not artifacts.is_uri(root) else None
-    labels = voc.read_image_labels(root, names, cache_path=cache, sbd_root=cfg.data.sbd_root or None)
-    return Split(root=root, names=tuple(names), labels=labels)
+    space = cfg.data.labels
+    cache = Path(root, voc.LABELS_FILE) if not artifacts.is_uri(root) else None
+    sbd = cfg.data.sbd_root or None
+    labels = voc.read_image_labels(root, names, cache_path=cache, sbd_root=sbd, space=space)
+    return Split(root=root, names=tuple(names), labels=labels, space=space)
