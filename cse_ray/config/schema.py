@@ -44,11 +44,16 @@ class DataConfig:
     train_list: str = "train"  # a name under ImageSets/Segmentation, or a path
     val_list: str = "val"  # per-epoch validation and the final CAM evaluation
     infer_list: str = "train"  # images that get pseudo-labels
+    # Your own classes, in index order (a VOC-layout dataset whose XML or labels file names them);
+    # empty = the classes of data.dataset.
+    class_names: tuple[str, ...] = ()
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     @property
     def labels(self) -> LabelSpace:
         """The dataset's classes: every stage takes the class count and names from here."""
+        if self.class_names:
+            return LabelSpace("custom", self.class_names)
         return label_space(self.dataset)
 
 
