@@ -154,13 +154,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value, dotted + ".")
             continue
-        value = _coerce(value, hint, dotted)
+        value = _coerce(value, hint, dotted, may_be_empty=fields[key].default == ())
         _check_range(value, fields[key].metadata, dotted)
         values[key] = value
     return cls(**values)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, may_be_empty: bool = False) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         args = typing.get_args(hint)
@@ -169,7 +169,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            if not value:
+            if not value and not may_be_empty:
                 raise UserError(f"config key {key}: must not be empty")
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
