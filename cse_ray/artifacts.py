@@ -38,9 +38,14 @@ def absolute(path: str | Path) -> str:
 
 
 def join(base: str | Path, *parts: str) -> str:
-    """Join path parts for local paths and URIs alike."""
+    """Join path parts for local paths and URIs alike.
+
+    A URI's query string (`s3://bucket/run?endpoint_override=host:9000`, which pyarrow reads as
+    filesystem options) stays at the end, after the joined parts.
+    """
     if is_uri(base):
-        return "/".join([str(base).rstrip("/"), *parts])
+        location, mark, query = str(base).partition("?")
+        return "/".join([location.rstrip("/"), *parts]) + mark + query
     return str(Path(base, *parts))
 
 
@@ -134,6 +139,30 @@ def write_parquet(path: str | Path, table) -> None:
     write_bytes(path, buffer.getvalue().to_pybytes())
 
 
+def check_storage(out: str | Path) -> None:
+    """Refuse a remote `--out` that cannot be written before any work starts (exit 2 naming it).
+
+    A local folder is created on demand. For a URI the bucket must exist and the credentials must
+    reach it; the endpoint of an S3-compatible store comes from AWS_ENDPOINT_URL (or the URI's
+    `?endpoint_override=`), read by pyarrow.
+    """
+    from cse_ray.errors import UserError
+
+    if not is_uri(out):
+        return
+    from pyarrow import fs
+
+    try:
+        filesystem, inner = _filesystem(str(out))
+        bucket = inner.split("/", 1)[0]
+        found = filesystem.get_file_info(bucket).type != fs.FileType.NotFound
+    except (OSError, ValueError) as err:
+        raise UserError(f"--out {out}: cannot reach the storage ({str(err).splitlines()[0][:300]}); "
+                        "check the credentials and AWS_ENDPOINT_URL") from None
+    if not found:
+        raise UserError(f"--out {out}: the bucket '{bucket}' does not exist (create it first)")
+
+
 def exists(path: str | Path) -> bool:
     if is_uri(path):
         from pyarrow import fs
@@ -149,6 +178,21 @@ def read_bytes(path: str | Path) -> bytes:
         with filesystem.open_input_stream(inner) as stream:
             return stream.read()
     return Path(path).read_bytes()
+
+
+@contextmanager
+def local_copy(path: str | Path) -> Iterator[str]:
+    """A local file with the content of `path`: the path itself, or a temporary download of a URI."""
+    if not is_uri(path):
+        yield str(path)
+        return
+    fd, tmp = tempfile.mkstemp(suffix=Path(str(path).partition("?")[0]).suffix or ".bin")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(read_bytes(path))
+        yield tmp
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def file_sha256(path: str | Path) -> str:

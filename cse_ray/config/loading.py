@@ -97,13 +97,15 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def save_run_config(cfg: Config, out: str) -> str:
-    """Write the resolved config (paths made absolute) to RUN_DIR/config.yaml; returns its path.
+    """Check that `out` can be written, then save the resolved config (paths made absolute) there.
 
-    Every command that writes a run records what it ran with, so a run directory explains itself and
-    `cse-ray <stage> --config RUN_DIR/config.yaml` repeats it.
+    Every command that writes a run calls this once its input is validated and before any work, so
+    a run directory explains itself and `cse-ray <stage> --config RUN_DIR/config.yaml` repeats it.
+    Returns RUN_DIR/config.yaml.
     """
     from cse_ray.layout import RunLayout
 
+    artifacts.check_storage(out)
     path = RunLayout.at(out).config
     artifacts.write_text(path, dump_yaml(with_absolute_paths(cfg)))
     return path

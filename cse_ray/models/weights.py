@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cse_ray import artifacts
 from cse_ray.artifacts import atomic_open
 from cse_ray.errors import UserError
 from cse_ray.models.mxnet_params import is_mxnet_params, read_mxnet_params
@@ -129,6 +130,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, list[s
     any name the mapping does not know keeps its file name, so it shows up as unused.
     """
     path = str(path)
+    if artifacts.is_uri(path):  # a checkpoint on s3:// or gs:// (a remote --out): read a local copy
+        if not artifacts.exists(path):
+            raise UserError(f"{path}: weights file not found")
+        with artifacts.local_copy(path) as local:
+            try:
+                return read_weights(local)
+            except UserError as err:
+                raise UserError(str(err).replace(local, path)) from None
     if not Path(path).is_file():
         raise UserError(f"{path}: weights file not found")
     if is_mxnet_params(path):
