@@ -66,6 +66,7 @@ def bench_crf(args: argparse.Namespace, root: Path, out: Path) -> None:
 
     from cse_ray.config import CrfConfig
     from cse_ray.crf import crf_alphas_task
+    from cse_ray.layout import InferLayout
 
     params = CrfConfig()
     alphas = tuple(args.alphas)
@@ -78,9 +79,9 @@ def bench_crf(args: argparse.Namespace, root: Path, out: Path) -> None:
 
     def plain_loop() -> None:
         for name, (image, cams, classes) in zip(names, items):
-            crf_alphas_task(image, cams, classes, name, str(out / "loop"), alphas, params)
+            crf_alphas_task(image, cams, classes, name, InferLayout(str(out / "loop")), alphas, params)
 
-    crf_alphas_task(*items[0], names[0], str(out / "loop"), alphas, params)  # warm-up (imports)
+    crf_alphas_task(*items[0], names[0], InferLayout(str(out / "loop")), alphas, params)  # warm-up (imports)
     # A locally started Ray runs its workers at niceness 15 (`ray job submit` uses 0); on a shared
     # machine that alone would slow them against the loop, which runs at 0. Compare like with like.
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
@@ -92,7 +93,7 @@ def bench_crf(args: argparse.Namespace, root: Path, out: Path) -> None:
         def crf_task(item, name, target):
             image, cams, classes = item
             cpu = time.process_time()
-            crf_alphas_task(image, cams, classes, name, target, alphas, params)
+            crf_alphas_task(image, cams, classes, name, InferLayout(target), alphas, params)
             return time.process_time() - cpu
 
         def on_ray(workers: int) -> None:

@@ -9,12 +9,11 @@ The probabilities are clipped to [PROB_FLOOR, 1] before the log, as pydensecrf's
 would otherwise give an infinite unary. The stack is not renormalised, as in the reference.
 
 This module imports no torch and no Ray, so a CRF worker process starts quickly; the Ray task that
-wraps `crf_alphas_task` lives in `cse_ray.infer`.
+wraps `crf_alphas_task` lives in `cse_ray.infer.workers`. Where the outputs go is `InferLayout`'s.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,27 +23,10 @@ import numpy as np
 from cse_ray import artifacts
 from cse_ray.config import CrfConfig
 from cse_ray.formats import write_label_png
+from cse_ray.layout import InferLayout
+from cse_ray.runtime import node_id
 
 PROB_FLOOR = 1e-5
-
-
-def alpha_dir(alpha: float) -> str:
-    """Folder name of one alpha's label maps: `a6`, `a10`, `a0.5` (crf/a{alpha:g}/NAME.png)."""
-    return f"a{alpha:g}"
-
-
-def crf_rel(alpha: float, name: str) -> str:
-    """Where one alpha's label map goes, relative to the run directory."""
-    return f"crf/{alpha_dir(alpha)}/{name}.png"
-
-
-def crf_seed_rel(alpha: float, name: str) -> str:
-    """The reference-format `{0: bg, k + 1: class k}` marginals, relative to the run directory."""
-    return f"crf_seed/{alpha_dir(alpha)}/{name}.npy"
-
-
-def pseudo_rel(name: str) -> str:
-    return f"pseudo_labels/{name}.png"
 
 
 def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -> None:
@@ -99,17 +81,9 @@ def crf_probs_seed_dict(probs: np.ndarray, classes: Sequence[int]) -> dict[int, 
     return seed
 
 
-def _node_id() -> str:
-    """The Ray node this runs on; "local" outside Ray (without importing Ray, which is slow)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return "local"
-    return ray.get_runtime_context().get_node_id()
-
-
 @dataclass
 class CrfResult:
-    """What one image's CRF task reports back (seconds and the paths it wrote, relative to out)."""
+    """What one image's CRF task reports back (seconds and the paths it wrote, relative to the layout)."""
 
     name: str
     crf: list[str] = field(default_factory=list)
@@ -120,30 +94,30 @@ class CrfResult:
     node: str = "local"
 
 
-def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], name: str, out: str,
-                    alphas: Sequence[float], params: CrfConfig, pseudo_alpha: float | None = None,
-                    save_seed: bool = False) -> CrfResult:
+def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], name: str,
+                    layout: InferLayout, alphas: Sequence[float], params: CrfConfig,
+                    pseudo_alpha: float | None = None, save_seed: bool = False) -> CrfResult:
     """Run the CRF at every alpha on one image and write each label map (and seed dict) atomically.
 
     One call per image (rather than per alpha) so that the image and CAMs cross the object store
-    once. With `pseudo_alpha`, that alpha's label map is also written as `pseudo_labels/NAME.png`.
+    once. With `pseudo_alpha`, that alpha's label map is also written as the image's pseudo-label.
     """
-    result = CrfResult(name=name, node=_node_id())
+    result = CrfResult(name=name, node=node_id())
     for alpha in alphas:
         start = time.perf_counter()
         probs = crf_probabilities(image, cams, classes, alpha, params)
         label = probabilities_to_label(probs, classes)
         middle = time.perf_counter()
-        rel = crf_rel(alpha, name)
-        write_label_png(artifacts.join(out, rel), label)
+        rel = layout.crf_rel(alpha, name)
+        write_label_png(layout.path(rel), label)
         result.crf.append(rel)
         if save_seed:
-            rel_seed = crf_seed_rel(alpha, name)
-            artifacts.write_npy_dict(artifacts.join(out, rel_seed), crf_probs_seed_dict(probs, classes))
+            rel_seed = layout.crf_seed_rel(alpha, name)
+            artifacts.write_npy_dict(layout.path(rel_seed), crf_probs_seed_dict(probs, classes))
             result.crf_seed.append(rel_seed)
         if pseudo_alpha is not None and float(alpha) == float(pseudo_alpha):
-            result.pseudo_label = pseudo_rel(name)
-            write_label_png(artifacts.join(out, result.pseudo_label), label)
+            result.pseudo_label = layout.pseudo_rel(name)
+            write_label_png(layout.path(result.pseudo_label), label)
         result.crf_s += middle - start
         result.write_s += time.perf_counter() - middle
     return result

@@ -77,7 +77,7 @@ def run_pipeline(cfg: Config, out: str) -> dict:
 
 def evaluate_run(cfg: Config, out: str, root: str, val_names, ordinary_out: str, val_out: str):
     """Ordinary CAMs, OC-CSE CAMs and OC-CSE + CRF (every alpha) on the validation list."""
-    from cse_ray.crf import alpha_dir
+    from cse_ray.layout import alpha_dir
     from cse_ray.report import PipelineResults
 
     gt_dir = _gt_dir(cfg, root)
@@ -119,7 +119,7 @@ def finish(cfg: Config, out: str, root: str, val_names, results, ordinary_out: s
            source: str, value: float, num_pseudo: int) -> dict:
     from dataclasses import replace
 
-    from cse_ray.crf import alpha_dir
+    from cse_ray.layout import alpha_dir
     from cse_ray.report import report_dict, summary_table, write_contact_sheet, write_report
 
     results = replace(results, num_pseudo_labels=num_pseudo, pseudo_source=source, pseudo_value=value)

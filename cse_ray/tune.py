@@ -873,11 +873,11 @@ def posthoc_search(cfg: Config, checkpoint: str, out: str) -> dict:
     Both are chosen against the ground truth (as the reference does for its threshold): a known optimistic
     bias, reported as such in the eval reports.
     """
-    from cse_ray.crf import crf_rel
     from cse_ray.data.voc import list_path, mask_path, read_list
     from cse_ray.evaluate import ConfusionSweep, write_reports
     from cse_ray.formats import read_label_png
     from cse_ray.infer import load_cams, run_infer
+    from cse_ray.layout import InferLayout
 
     summary = run_infer(cfg, out, checkpoint=checkpoint, list_name=cfg.data.val_list, write_pseudo=False)
     if summary.failed:
@@ -893,7 +893,7 @@ def posthoc_search(cfg: Config, checkpoint: str, out: str) -> dict:
         cams, classes = load_cams(out, name)
         cam_sweep.add_cams(cams, classes, gt, name=name)
         for alpha, sweep in crf_sweeps.items():
-            sweep.add_labels(_read_png(artifacts.join(out, crf_rel(alpha, name))), gt, name=name)
+            sweep.add_labels(_read_png(InferLayout(out).crf(alpha, name)), gt, name=name)
     cam = cam_sweep.result("cam")
     write_reports(cam, artifacts.join(out, "eval_cam.json"))
     crf_miou = {}

@@ -1,0 +1,101 @@
+"""What an inference folder records about itself: `manifest.parquet` and which outputs are finished.
+
+The manifest holds one row per image, keyed by name: rows of earlier runs are kept and replaced,
+never duplicated, and the file is rewritten atomically, so a crash leaves the previous version.
+Every output is written atomically too, so "the file exists" means "the file is complete": a
+directory listing is enough to know what a rerun can skip.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+from cse_ray import artifacts
+from cse_ray.layout import InferLayout
+
+PSEUDO_FIELDS = ("pseudo_label", "pseudo_source", "pseudo_value")
+
+
+def manifest_schema():
+    """The manifest's columns (paths are relative to the inference folder, times in seconds)."""
+    import pyarrow as pa
+
+    text, number = pa.string(), pa.float64()
+    return pa.schema([
+        ("name", text), ("status", text), ("error", text), ("classes", pa.list_(text)),
+        ("height", pa.int32()), ("width", pa.int32()),
+        ("cam", text), ("cam_seed", text), ("crf", pa.list_(text)), ("crf_seed", pa.list_(text)),
+        ("overlay", text), ("pseudo_label", text), ("pseudo_source", text), ("pseudo_value", number),
+        ("load_s", number), ("cam_s", number), ("crf_s", number), ("write_s", number),
+        ("cam_node", text), ("cam_actor", pa.int32()), ("cam_pid", pa.int64()), ("crf_node", text),
+    ])
+
+
+class Manifest:
+    """One row per image, keyed by name; rows of earlier runs are kept and replaced, never duplicated.
+
+    order: the list's names; rows are written in that order, rows of other names after them.
+    """
+
+    def __init__(self, layout: InferLayout, order: Sequence[str] = ()) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = layout.manifest
+        self.rows: dict[str, dict] = {}
+        if artifacts.exists(self.path):
+            table = pq.read_table(io.BytesIO(artifacts.read_bytes(self.path)))
+            self.rows = {row["name"]: row for row in table.to_pylist()}
+        self.position = {name: i for i, name in enumerate(order)}
+
+    def put(self, row: dict) -> None:
+        self.rows[row["name"]] = row
+
+    def write(self) -> None:
+        import pyarrow as pa
+
+        schema = manifest_schema()
+        rest = len(self.position)
+        ordered = sorted(
+            enumerate(self.rows.values()),
+            key=lambda item: (self.position.get(item[1]["name"], rest), item[0]),
+        )
+        rows = [{key: row.get(key) for key in schema.names} for _, row in ordered]
+        artifacts.write_parquet(self.path, pa.Table.from_pylist(rows, schema=schema))
+
+
+def read_manifest(out: str) -> list[dict]:
+    """The manifest's rows of the inference folder `out` as dicts (empty when there is none yet)."""
+    return list(Manifest(InferLayout(str(out))).rows.values())
+
+
+def _list_files(folder: str) -> set[str]:
+    """Names of the finished files in one output folder (temp files start with '.'), in one listing."""
+    if artifacts.is_uri(folder):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(folder)
+        infos = filesystem.get_file_info(fs.FileSelector(inner, allow_not_found=True))
+        names = (info.base_name for info in infos if info.type == fs.FileType.File)
+    else:
+        try:
+            names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+        except FileNotFoundError:
+            return set()
+    return {name for name in names if not name.startswith(".")}
+
+
+class Listing:
+    """Existence of finished output files, answered from one directory listing per folder (object stores
+    make one request per listing, not one per file)."""
+
+    def __init__(self, layout: InferLayout) -> None:
+        self.layout = layout
+        self._folders: dict[str, set[str]] = {}
+
+    def exists(self, rel: str) -> bool:
+        folder, _, filename = rel.rpartition("/")
+        if folder not in self._folders:
+            self._folders[folder] = _list_files(self.layout.path(folder))
+        return filename in self._folders[folder]
