@@ -58,10 +58,12 @@ def test_a_missing_bucket_is_refused_naming_it(s3_server):
     artifacts.check_storage("/tmp/any/local/folder")  # local folders are made on demand
 
 
-def test_tensorboard_files_are_uploaded_for_a_remote_run(bucket, tmp_path):
+def test_tensorboard_files_are_uploaded_for_a_remote_run(bucket):
+    import uuid
+
     from torch.utils.tensorboard import SummaryWriter
 
-    run = RunLayout.at(f"{bucket}/runs/tb-{tmp_path.name}")  # a new run: its local event folder is new
+    run = RunLayout.at(f"{bucket}/runs/tb-{uuid.uuid4().hex}")  # a new run: its local event folder is new
     writer = SummaryWriter(run.tensorboard("train_cam"))
     writer.add_scalar("loss", 1.0, 1)
     writer.close()
