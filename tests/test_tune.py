@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,9 +20,19 @@ from small_runs import SMALL_TRAINING
 
 from cse_ray.config import load_config, thresholds
 from cse_ray.errors import UserError
+from cse_ray.evaluate import save_cam_npz
+from cse_ray.formats import write_label_png
+from cse_ray.layout import RunLayout
 from cse_ray.models import build_classifier
 from cse_ray.train import prepare_stage
-from cse_ray.tune import TEST_STOP_ENV, SweepInterrupted, parse_space, run_tune, saved_statuses
+from cse_ray.tune import (
+    TEST_STOP_ENV,
+    SweepInterrupted,
+    choose_on_outputs,
+    parse_space,
+    run_tune,
+    saved_statuses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_SMOKE = REPO / "configs" / "tune-smoke.yaml"
@@ -189,3 +200,40 @@ def test_cli_refuses_a_bad_space_with_exit_code_2_and_no_ray(tmp_path: Path) -> 
     assert "tune.space.train_cse.lr: grid needs a non-empty list" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(ray_dir.iterdir()) and not (tmp_path / "run").exists()
+
+
+def test_posthoc_choice_follows_the_pipeline_rules_on_tied_outputs(tmp_path: Path) -> None:
+    """Threshold and alpha are chosen on the same outputs as `cse-ray pipeline` chooses them: CAM
+    thresholds tie on a plateau (the lowest wins) and two alphas' CRF maps tie (the smallest wins,
+    although `crf.alphas` lists the larger first)."""
+    from cse_ray.pipeline import evaluate_run
+
+    root, run = tmp_path / "data", RunLayout.at(tmp_path / "run")
+    names = ["img_a", "img_b"]
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names) + "\n")
+    # One class (index 0, label 1) on the left half. CAM scores: 0.9 on the object, 0.3 on its last
+    # column, 0.2 on the first background column, 0.05 elsewhere: every threshold in [0.2, 0.3) is best.
+    gt = np.zeros((8, 8), np.uint8)
+    gt[:, :4] = 1
+    cam = np.full((1, 8, 8), 0.05, np.float32)
+    cam[0, :, :4], cam[0, :, 3], cam[0, :, 4] = 0.9, 0.3, 0.2
+    good, bad = gt.copy(), np.zeros_like(gt)
+    for name in names:
+        write_label_png(root / "SegmentationClass" / f"{name}.png", gt)
+        save_cam_npz(run.posthoc.cam(name), cam, [0])
+        for alpha, label in ((10.0, good), (6.0, good), (24.0, bad)):
+            write_label_png(run.posthoc.crf(alpha, name), label)
+    cfg = small_config("data.synth.enabled=false", f"data.root={root}", "data.val_list=val",
+                       "crf.alphas=[10, 6, 24]")
+
+    choice = choose_on_outputs(cfg, run.posthoc, names)
+    pipeline = evaluate_run(cfg, run.root, str(root), names, run.posthoc.root, run.posthoc.root)
+
+    assert choice.threshold == pipeline.cse_cam.threshold
+    assert choice.alpha == pipeline.best_alpha == 6.0
+    assert choice.crf_miou["10"] == choice.crf_miou["6"] > choice.crf_miou["24"]
+    grid = thresholds(cfg.evaluate)
+    assert choice.threshold == min(t for t in grid if t >= 0.2)  # the lowest of the tied best
+    assert choice.cam_miou == pytest.approx(pipeline.cse_cam.miou)
+    assert Path(run.posthoc.eval_json("eval_crf_a6")).is_file()
