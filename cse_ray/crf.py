@@ -23,7 +23,7 @@ import numpy as np
 
 from cse_ray import artifacts
 from cse_ray.config import CrfConfig
-from cse_ray.formats import write_label_png
+from cse_ray.formats import write_label_png, write_seed_dict
 
 PROB_FLOOR = 1e-5
 
@@ -139,7 +139,7 @@ def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
         result.crf.append(rel)
         if save_seed:
             rel_seed = crf_seed_rel(alpha, name)
-            artifacts.write_npy_dict(artifacts.join(out, rel_seed), crf_probs_seed_dict(probs, classes))
+            write_seed_dict(artifacts.join(out, rel_seed), crf_probs_seed_dict(probs, classes))
             result.crf_seed.append(rel_seed)
         if pseudo_alpha is not None and float(alpha) == float(pseudo_alpha):
             result.pseudo_label = pseudo_rel(name)

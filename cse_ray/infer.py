@@ -405,8 +405,7 @@ class CamWorker:
         """(manifest row, payload for the CRF task or None). Bad input files give an error row."""
         from cse_ray.cam import cams_to_label, cams_to_seed_dict, multiscale_cam
         from cse_ray.data.voc import image_path
-        from cse_ray.evaluate import save_cam_npz
-        from cse_ray.formats import read_image, write_label_png, write_rgb_png
+        from cse_ray.formats import read_image, save_cam_npz, write_label_png, write_rgb_png, write_seed_dict
 
         row: dict = {"name": name, "cam_node": self.node, "cam_actor": self.index, "cam_pid": os.getpid()}
         start = time.perf_counter()
@@ -426,7 +425,7 @@ class CamWorker:
         row["cam"] = cam_rel(name)
         if self.save_seed:
             seed = cams_to_seed_dict(cams, classes)
-            artifacts.write_npy_dict(artifacts.join(out, cam_seed_rel(name)), seed)
+            write_seed_dict(artifacts.join(out, cam_seed_rel(name)), seed)
             row["cam_seed"] = cam_seed_rel(name)
         if overlay:
             write_rgb_png(artifacts.join(out, overlay_rel(name)), cam_overlay(image, rounded))
@@ -724,7 +723,7 @@ def _mean_seconds(rows: list[dict]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- pseudo-labels
 def load_cams(out: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 K x H x W, int64 K) from `OUT/cams/NAME.npz` (stored as float16)."""
-    from cse_ray.evaluate import load_cam_npz
+    from cse_ray.formats import load_cam_npz
 
     return load_cam_npz(artifacts.join(out, cam_rel(name)))
 

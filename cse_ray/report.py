@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cse_ray import artifacts
-from cse_ray.evaluate import EvalResult
-from cse_ray.metrics import best_alpha
+from cse_ray.metrics import EvalResult, best_alpha
 
 REPORT_FILE = "report.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"

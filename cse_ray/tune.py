@@ -875,9 +875,10 @@ def posthoc_search(cfg: Config, checkpoint: str, out: str) -> dict:
     """
     from cse_ray.crf import crf_rel
     from cse_ray.data.voc import list_path, mask_path, read_list
-    from cse_ray.evaluate import ConfusionSweep, write_reports
+    from cse_ray.evaluate import write_reports
     from cse_ray.formats import read_label_png
     from cse_ray.infer import load_cams, run_infer
+    from cse_ray.metrics import ConfusionSweep
 
     summary = run_infer(cfg, out, checkpoint=checkpoint, list_name=cfg.data.val_list, write_pseudo=False)
     if summary.failed:

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from cse_ray import artifacts
 from cse_ray.config import is_list_name
 from cse_ray.errors import UserError
-from cse_ray.formats import DECODE_ERRORS, read_label_png
+from cse_ray.formats import DECODE_ERRORS, read_label_png, write_seed_dict
 from cse_ray.labels import IGNORE_INDEX, VOC
 
 CLASS_NAMES: tuple[str, ...] = VOC.class_names
@@ -223,7 +223,7 @@ def save_labels(path: str | os.PathLike, labels: dict[str, np.ndarray]) -> Path:
         }
         artifacts.write_text(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
     else:
-        artifacts.write_npy_dict(path, clean)
+        write_seed_dict(path, clean)
     return path
 
 
