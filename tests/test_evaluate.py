@@ -342,3 +342,25 @@ def test_reports_and_cli_function(tmp_path, capsys):
     written = write_reports(labels.result(), label_out)
     assert "plot" not in written and json.loads(label_out.read_text())["miou"] > 0
 
+
+def test_cli_evaluate_sweeps_the_configs_grid(tmp_path, capsys):
+    """`cse-ray evaluate --thresholds 0.1 0.395 0.01` and a config with the same keys sweep one grid,
+    0.10..0.39: the stop is never exceeded."""
+    from cse_ray.cli import main
+    from cse_ray.config import load_config, thresholds
+
+    pred, gt_dir, names = write_native(tmp_path, random_items(seed=11, count=2))
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("\n".join(names) + "\n")
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--list", str(list_file),
+                 "--thresholds", "0.1", "0.395", "0.01", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    swept = [t for t, _ in json.loads(out.read_text())["curve"]]
+    cfg = load_config(None, ["data.root=/voc", "evaluate.threshold_start=0.1",
+                             "evaluate.threshold_stop=0.395", "evaluate.threshold_step=0.01"])
+    assert swept == list(thresholds(cfg.evaluate)) == [round(0.1 + 0.01 * i, 2) for i in range(30)]
+
+    code = main(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--list", str(list_file),
+                 "--thresholds", "0.99", "1.0", "0.015"])
+    assert code == 2 and "threshold step 0.015 is larger than stop - start" in capsys.readouterr().err

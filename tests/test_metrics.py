@@ -27,6 +27,23 @@ def test_threshold_grid_has_no_float_drift_and_rejects_bad_ranges():
         ConfusionSweep([0.3, 0.2])
 
 
+def test_the_stop_is_included_when_on_the_grid_and_never_exceeded():
+    assert threshold_grid(0.1, 0.395, 0.01).tolist() == [round(0.1 + 0.01 * i, 2) for i in range(30)]
+    assert threshold_grid(0.1, 0.3999999999, 0.01)[-1] == 0.39  # 0.4 would exceed the stop
+    assert threshold_grid(0.05, 0.95, 0.01).size == 91  # the demo's grid: both ends included
+    assert threshold_grid(0.5, 0.5, 0.3).tolist() == [0.5]  # start == stop: one threshold, any step
+    assert threshold_grid(0.0, 1.0, 0.5).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_a_step_larger_than_the_range_is_refused():
+    """Such a grid would hold only the start: refused, so config validation can refuse it too."""
+    with pytest.raises(UserError, match=r"threshold step 0.015 is larger than stop - start = 0.01"):
+        threshold_grid(0.99, 1.0, 0.015)
+    assert threshold_grid(0.99, 1.0, 0.01).tolist() == [0.99, 1.0]
+    with pytest.raises(UserError, match="at most 10000"):
+        threshold_grid(0.0, 1.0, 1e-5)
+
+
 # ------------------------------------------------------------------------------------ any label space
 def test_the_sweep_takes_its_categories_from_the_label_space():
     labels = custom_label_space(3)  # categories: background, class0, class1, class2

@@ -16,7 +16,11 @@ MAX_THRESHOLDS = 10000
 
 def threshold_grid(start: float = DEFAULT_THRESHOLD_RANGE[0], stop: float = DEFAULT_THRESHOLD_RANGE[1],
                    step: float = DEFAULT_THRESHOLD_RANGE[2]) -> np.ndarray:
-    """Thresholds start, start + step, ..., stop (stop included), rounded to 10 decimals against drift."""
+    """THE background-threshold grid: start, start + step, ... up to stop (included when on the grid,
+    never exceeded), rounded to 10 decimals so that 0.1 + 3 * 0.01 is exactly 0.13.
+
+    A step larger than stop - start (when stop > start) is refused: the grid would hold only `start`.
+    """
     try:
         start, stop, step = float(start), float(stop), float(step)
     except (TypeError, ValueError):
@@ -29,10 +33,15 @@ def threshold_grid(start: float = DEFAULT_THRESHOLD_RANGE[0], stop: float = DEFA
     if not 0.0 <= start <= stop <= 1.0:
         raise UserError(f"threshold range must satisfy 0 <= start <= stop <= 1, got start={start} "
                         f"stop={stop}")
-    count = int(math.floor((stop - start) / step + 1e-6)) + 1
+    steps = (stop - start) / step + 1e-6  # the tolerance keeps a stop that drifted below the grid
+    if stop > start and steps < 1:
+        raise UserError(f"threshold step {step:g} is larger than stop - start = {stop - start:g}: the grid "
+                        f"would hold only the start {start:g}")
+    count = int(math.floor(steps)) + 1
     if count > MAX_THRESHOLDS:
         raise UserError(f"threshold range gives {count} thresholds; at most {MAX_THRESHOLDS} are allowed")
-    return np.round(start + step * np.arange(count), 10)
+    grid = np.round(start + step * np.arange(count), 10)
+    return grid[grid <= round(stop, 10)]
 
 
 def check_thresholds(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
