@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from cse_ray.data.voc import IGNORE_INDEX
-from cse_ray.evaluate import evaluate, load_cam_npz, save_cam_npz, threshold_grid
-from cse_ray.formats import read_label_png, write_label_png
+from cse_ray.evaluate import evaluate
+from cse_ray.formats import load_cam_npz, read_label_png, save_cam_npz, write_label_png
+from cse_ray.metrics import threshold_grid
 
 
 def make_image(rng: np.random.Generator, height: int,

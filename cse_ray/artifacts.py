@@ -120,13 +120,6 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def write_npy_dict(path: str | Path, mapping: dict) -> None:
-    """The reference's pickled-dict `.npy` format (`np.load(path, allow_pickle=True).item()`)."""
-    buffer = io.BytesIO()
-    np.save(buffer, mapping, allow_pickle=True)
-    write_bytes(path, buffer.getvalue())
-
-
 def write_parquet(path: str | Path, table) -> None:
     """A pyarrow Table (or a list of row dicts) as Parquet."""
     import pyarrow as pa

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cse_ray import artifacts
 from cse_ray.config import CrfConfig
-from cse_ray.formats import write_label_png
+from cse_ray.formats import write_label_png, write_seed_dict
 from cse_ray.layout import InferLayout
 from cse_ray.runtime import node_id
 
@@ -113,7 +112,7 @@ def crf_alphas_task(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
         result.crf.append(rel)
         if save_seed:
             rel_seed = layout.crf_seed_rel(alpha, name)
-            artifacts.write_npy_dict(layout.path(rel_seed), crf_probs_seed_dict(probs, classes))
+            write_seed_dict(layout.path(rel_seed), crf_probs_seed_dict(probs, classes))
             result.crf_seed.append(rel_seed)
         if pseudo_alpha is not None and float(alpha) == float(pseudo_alpha):
             result.pseudo_label = layout.pseudo_rel(name)

@@ -1,9 +1,12 @@
-"""One reader and one writer per file format: RGB images and palette label PNGs.
+"""One reader and one writer per file format: RGB images, palette label PNGs, CAM files, seed dicts.
 
 Readers take local paths or `s3://`/`gs://` URIs (through `cse_ray.artifacts`) and turn a missing,
 empty, truncated or wrong-mode file into a UserError that names it. Writers are atomic.
-Label maps are uint8 H x W class indices (0 background, k + 1 class k, 255 ignore) stored as palette
-PNGs with `labels.PALETTE`, so every viewer shows the same colours for every stage's output.
+- Label maps are uint8 H x W class indices (0 background, k + 1 class k, 255 ignore) stored as palette
+  PNGs with `labels.PALETTE`, so every viewer shows the same colours for every stage's output.
+- CAM files (`NAME.npz`): `cams` float16 K x H x W in [0, 1] and `classes` int64 K, the present classes.
+- Seed dicts (`NAME.npy`), the reference's pickled `{key: H x W float32}`: CAM seeds are keyed by class
+  k, CRF seeds by category (0 background, k + 1 class k).
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from cse_ray import artifacts
 from cse_ray.errors import UserError
-from cse_ray.labels import PALETTE
+from cse_ray.labels import PALETTE, VOC, LabelSpace
 
 # Image exceptions PIL raises for broken files, besides OSError for truncation.
 DECODE_ERRORS = (
@@ -172,3 +177,86 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
         buffer, format="JPEG", quality=quality, subsampling=0, optimize=False
     )
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ CAM files
+def save_cam_npz(path: str | os.PathLike, cams: np.ndarray, classes: Sequence[int] | np.ndarray,
+                 labels: LabelSpace = VOC) -> str:
+    """Write a CAM file: `cams` as float16 K x H x W, `classes` int64 K (indices 0..num_classes - 1)."""
+    cams = np.asarray(cams)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if cams.ndim != 3 or cams.shape[0] != classes.size:
+        raise ValueError(f"save_cam_npz: cams must be K x H x W with K = len(classes), got {cams.shape} "
+                         f"and {classes.size} classes")
+    if classes.size and (classes.min() < 0 or classes.max() >= labels.num_classes):
+        raise ValueError(f"save_cam_npz: class indices must be in 0..{labels.num_classes - 1}, "
+                         f"got {classes.tolist()}")
+    artifacts.write_npz(path, cams=cams.astype(np.float16), classes=classes)
+    return os.fspath(path)
+
+
+def load_cam_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CAM file, local or remote: (cams float32 K x H x W, classes int64 K)."""
+    try:
+        archive = np.load(io.BytesIO(artifacts.read_bytes(path)), allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise UserError(f"{path}: not an .npz archive (expected arrays 'cams' and 'classes')")
+        with archive:
+            cams, classes = archive["cams"], archive["classes"]
+    except KeyError as error:
+        raise UserError(f"{path}: not a cse-ray CAM file (needs arrays 'cams' and 'classes'): "
+                        f"{error}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise UserError(f"{path}: cannot read CAM file: {error}") from None
+    return cams.astype(np.float32), classes.astype(np.int64).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------ seed dicts
+def write_seed_dict(path: str | os.PathLike, mapping: Mapping) -> str:
+    """Write the reference's pickled-dict `.npy` (`np.load(path, allow_pickle=True).item()` reads it):
+    seed dicts `{key: H x W float32}`, and psa's `cls_labels.npy` `{name: label vector}`."""
+    buffer = io.BytesIO()
+    np.save(buffer, dict(mapping), allow_pickle=True)
+    artifacts.write_bytes(path, buffer.getvalue())
+    return os.fspath(path)
+
+
+def _read_seed_dict(path: str | os.PathLike) -> dict[int, np.ndarray]:
+    try:
+        loaded = np.load(io.BytesIO(artifacts.read_bytes(path)), allow_pickle=True)
+        item = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object else None
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path}: cannot read seed file: {error}") from None
+    if not isinstance(item, dict) or not all(isinstance(k, (int, np.integer)) for k in item):
+        raise UserError(f"{path}: seed file must hold a pickled dict {{class_index: H x W array}}")
+    return {int(k): np.asarray(v) for k, v in item.items()}
+
+
+def _stack_maps(path: str | os.PathLike, maps: dict[int, np.ndarray], keys: np.ndarray,
+                what: str) -> np.ndarray:
+    shapes = {maps[k].shape for k in keys}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise UserError(f"{path}: {what} must all be H x W arrays of one size, got {sorted(shapes)}")
+    return np.stack([maps[k] for k in keys])
+
+
+def load_seed_cams(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CAM seed dict {class k: H x W} as (cams float32 K x H x W, sorted classes int64 K).
+
+    The class indices are checked where they are used (the evaluation's sweep names the file)."""
+    maps = _read_seed_dict(path)
+    classes = np.array(sorted(maps), np.int64)
+    if classes.size == 0:
+        return np.zeros((0, 0, 0), np.float32), classes
+    return _stack_maps(path, maps, classes, "seed maps").astype(np.float32, copy=False), classes
+
+
+def load_seed_label(path: str | os.PathLike, labels: LabelSpace = VOC) -> np.ndarray:
+    """Read a CRF seed dict {0: background, k + 1: class k} as the uint8 label map of its argmax
+    (ties: the smallest key)."""
+    scores = _read_seed_dict(path)
+    keys = np.array(sorted(scores), np.int64)
+    if keys.size == 0 or keys.min() < 0 or keys.max() > labels.num_classes:
+        raise UserError(f"{path}: label seed keys must be in 0..{labels.num_classes}, got {keys.tolist()}")
+    stacked = _stack_maps(path, scores, keys, "label seed maps")
+    return keys.astype(np.uint8)[np.argmax(stacked, axis=0)]

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cse_ray import artifacts
-from cse_ray.evaluate import EvalResult
-from cse_ray.metrics import best_alpha
+from cse_ray.metrics import EvalResult, best_alpha
 
 REPORT_FILE = "report.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
@@ -91,10 +90,8 @@ def write_report(report: dict, out: str) -> None:
 def write_contact_sheet(out: str, root: str, names: Sequence[str], ordinary_dir: str, cse_dir: str,
                         crf_dir: str | None, gt_dir: str) -> str:
     """image | ground truth | ordinary CAM | OC-CSE CAM | CRF label, one row per validation image."""
-    import io
-
     from cse_ray.data.voc import image_path
-    from cse_ray.formats import read_image, read_label_png
+    from cse_ray.formats import read_image, read_label_png, write_rgb_png
     from cse_ray.infer import load_cams
     from cse_ray.labels import PALETTE
     from cse_ray.plots import cam_overlay, contact_sheet, label_colours
@@ -113,8 +110,4 @@ def write_contact_sheet(out: str, root: str, names: Sequence[str], ordinary_dir:
             row.append(np.zeros_like(image))
         rows.append(row)
     sheet = contact_sheet(rows, ["image", "ground truth", "ordinary CAM", "OC-CSE CAM", "OC-CSE + CRF"])
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    path = artifacts.join(out, CONTACT_SHEET_FILE)
-    artifacts.write_bytes(path, buffer.getvalue())
-    return path
+    return write_rgb_png(artifacts.join(out, CONTACT_SHEET_FILE), sheet)

@@ -563,8 +563,8 @@ def validate(model, val: Split, cfg: Config, scfg: TrainCamConfig, device, rank:
 
     from cse_ray.cam import multiscale_cam
     from cse_ray.data.voc import image_path, mask_path
-    from cse_ray.evaluate import ConfusionSweep
     from cse_ray.formats import read_image, read_label_png
+    from cse_ray.metrics import ConfusionSweep
 
     names = val.names[: scfg.val_images] if scfg.val_images else val.names
     sweep = ConfusionSweep(thresholds(cfg.evaluate), keep_per_image=False)

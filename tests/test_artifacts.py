@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cse_ray import artifacts
-from cse_ray.formats import write_label_png
+from cse_ray.formats import write_label_png, write_seed_dict
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_formats_round_trip(tmp_path: Path) -> None:
     artifacts.write_npz(tmp_path / "a.npz", cams=cams, classes=np.array([3, 11]))
     with np.load(tmp_path / "a.npz") as data:
         assert np.array_equal(data["cams"], cams) and data["classes"].tolist() == [3, 11]
-    artifacts.write_npy_dict(tmp_path / "a.npy", {3: cams[0].astype(np.float32)})
+    write_seed_dict(tmp_path / "a.npy", {3: cams[0].astype(np.float32)})
     loaded = np.load(tmp_path / "a.npy", allow_pickle=True).item()
     assert np.array_equal(loaded[3], cams[0].astype(np.float32))
     label = np.array([[0, 1, 255], [20, 3, 4]], np.uint8)

@@ -88,6 +88,32 @@ def test_cli_refuses_a_bad_config_with_exit_2_and_no_traceback(tmp_path: Path) -
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
+def test_the_threshold_grid_is_evaluations_grid() -> None:
+    """config.thresholds is metrics.threshold_grid: a stop off the grid is never exceeded."""
+    from cse_ray.metrics import threshold_grid
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["evaluate.threshold_stop=0.395"])
+    grid = thresholds(cfg.evaluate)
+    assert grid == tuple(threshold_grid(0.1, 0.395, 0.01).tolist())
+    assert (len(grid), grid[0], grid[-1]) == (30, 0.1, 0.39)
+
+
+def test_a_grid_that_evaluation_refuses_exits_2_naming_the_step(tmp_path: Path) -> None:
+    """start 0.99, stop 1.0, step 0.015: the grid would hold only 0.99. Refused at load, before any work."""
+    overrides = ["evaluate.threshold_start=0.99", "evaluate.threshold_stop=1.0",
+                 "evaluate.threshold_step=0.015"]
+    with pytest.raises(UserError, match=r"config key evaluate\.threshold_step: threshold step 0\.015 is "):
+        load_config(REPO / "configs" / "smoke.yaml", overrides)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cse_ray.cli", "train-cam", "--config", str(REPO / "configs" / "smoke.yaml"),
+         "--out", str(tmp_path / "run"), *overrides],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "config key evaluate.threshold_step" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_config_reference_lists_every_key() -> None:
     import dataclasses
 

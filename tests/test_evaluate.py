@@ -14,18 +14,9 @@ from PIL import Image
 
 from cse_ray.data.voc import CATEGORY_NAMES, IGNORE_INDEX
 from cse_ray.errors import UserError
-from cse_ray.evaluate import (
-    ConfusionSweep,
-    evaluate,
-    load_cam_npz,
-    report_paths,
-    run_evaluate,
-    save_cam_npz,
-    sweep_from_arrays,
-    threshold_grid,
-    write_reports,
-)
-from cse_ray.formats import write_label_png
+from cse_ray.evaluate import evaluate, report_paths, run_evaluate, write_reports
+from cse_ray.formats import load_cam_npz, save_cam_npz, write_label_png
+from cse_ray.metrics import ConfusionSweep, sweep_from_arrays, threshold_grid
 
 THRESHOLDS = threshold_grid()
 
@@ -112,18 +103,6 @@ def test_merged_partial_sweeps_equal_one_sweep_and_threshold_ties_go_to_backgrou
     gt = np.ones((2, 3), np.uint8)
     single = sweep_from_arrays([(np.full((1, 2, 3), 0.2, np.float32), [0], gt)], [0.19, 0.2, 0.21])
     assert single.confusions()[:, 1, :2].tolist() == [[0, 6], [6, 0], [6, 0]]
-
-
-def test_threshold_grid_has_no_float_drift_and_rejects_bad_ranges():
-    assert THRESHOLDS.size == 30
-    assert THRESHOLDS[0] == 0.1 and THRESHOLDS[-1] == 0.39 and THRESHOLDS[7] == 0.17
-    assert threshold_grid(0.2, 0.3, 0.05).tolist() == [0.2, 0.25, 0.3]
-    bad_ranges = [(0.3, 0.2, 0.01), (0.1, 0.2, 0.0), (-0.1, 0.2, 0.01), (0.1, 1.5, 0.01), (0.1, np.nan, 0.1)]
-    for bad in bad_ranges:
-        with pytest.raises(UserError, match="threshold"):
-            threshold_grid(*bad)
-    with pytest.raises(UserError, match="strictly increasing"):
-        ConfusionSweep([0.3, 0.2])
 
 
 # --------------------------------------------------------------------------------------- file formats
@@ -362,3 +341,26 @@ def test_reports_and_cli_function(tmp_path, capsys):
     labels.add_labels(items[1][2], items[1][2], name="same")
     written = write_reports(labels.result(), label_out)
     assert "plot" not in written and json.loads(label_out.read_text())["miou"] > 0
+
+
+def test_cli_evaluate_sweeps_the_configs_grid(tmp_path, capsys):
+    """`cse-ray evaluate --thresholds 0.1 0.395 0.01` and a config with the same keys sweep one grid,
+    0.10..0.39: the stop is never exceeded."""
+    from cse_ray.cli import main
+    from cse_ray.config import load_config, thresholds
+
+    pred, gt_dir, names = write_native(tmp_path, random_items(seed=11, count=2))
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("\n".join(names) + "\n")
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--list", str(list_file),
+                 "--thresholds", "0.1", "0.395", "0.01", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    swept = [t for t, _ in json.loads(out.read_text())["curve"]]
+    cfg = load_config(None, ["data.root=/voc", "evaluate.threshold_start=0.1",
+                             "evaluate.threshold_stop=0.395", "evaluate.threshold_step=0.01"])
+    assert swept == list(thresholds(cfg.evaluate)) == [round(0.1 + 0.01 * i, 2) for i in range(30)]
+
+    code = main(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--list", str(list_file),
+                 "--thresholds", "0.99", "1.0", "0.015"])
+    assert code == 2 and "threshold step 0.015 is larger than stop - start" in capsys.readouterr().err

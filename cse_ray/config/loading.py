@@ -18,6 +18,7 @@ import yaml
 from cse_ray import artifacts
 from cse_ray.config.schema import Config, EvalConfig
 from cse_ray.errors import UserError
+from cse_ray.metrics import threshold_grid
 
 # ------------------------------------------------------------------------------------- loading
 
@@ -251,12 +252,15 @@ def validate(cfg: Config) -> Config:
     e = cfg.evaluate
     if e.threshold_stop < e.threshold_start:
         raise UserError("config key evaluate.threshold_stop: must be >= evaluate.threshold_start")
+    try:  # what evaluation would refuse is refused here, before any work
+        thresholds(e)
+    except UserError as err:  # start and stop are checked above and by their ranges: the step is left
+        raise UserError(f"config key evaluate.threshold_step: {err}") from None
     if not cfg.data.root and not cfg.data.synth.enabled:
         raise UserError("config key data.root: empty, and data.synth.enabled is false (no dataset)")
     return cfg
 
 
 def thresholds(cfg: EvalConfig) -> tuple[float, ...]:
-    """The background thresholds to sweep, rounded so that 0.1 + 3 * 0.01 is exactly 0.13."""
-    count = int(round((cfg.threshold_stop - cfg.threshold_start) / cfg.threshold_step)) + 1
-    return tuple(round(cfg.threshold_start + i * cfg.threshold_step, 6) for i in range(count))
+    """The background thresholds to sweep: `metrics.threshold_grid` of the evaluate keys."""
+    return tuple(threshold_grid(cfg.threshold_start, cfg.threshold_stop, cfg.threshold_step).tolist())

@@ -17,6 +17,7 @@ import numpy as np
 from cse_ray import artifacts
 from cse_ray.data.names import validate_name
 from cse_ray.errors import UserError
+from cse_ray.formats import write_seed_dict
 from cse_ray.labels import VOC, LabelSpace
 
 LABELS_FILE = "cls_labels.npy"
@@ -50,7 +51,7 @@ def save_labels(
         payload = {"classes": list(space.class_names), "labels": dict(sorted(names_of.items()))}
         artifacts.write_text(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
     else:
-        artifacts.write_npy_dict(path, clean)
+        write_seed_dict(path, clean)
     return path
 
 

@@ -33,7 +33,7 @@ class PseudoLabelSummary:
 
 def load_cams(out: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 K x H x W, int64 K) from the inference folder `out`'s `cams/NAME.npz` (stored as float16)."""
-    from cse_ray.evaluate import load_cam_npz
+    from cse_ray.formats import load_cam_npz
 
     return load_cam_npz(InferLayout(str(out)).cam(name))
 

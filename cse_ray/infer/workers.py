@@ -69,8 +69,7 @@ class CamWorker:
         """(manifest row, payload for the CRF task or None). Bad input files give an error row."""
         from cse_ray.cam import cams_to_label, cams_to_seed_dict, multiscale_cam
         from cse_ray.data.voc import image_path
-        from cse_ray.evaluate import save_cam_npz
-        from cse_ray.formats import read_image, write_label_png, write_rgb_png
+        from cse_ray.formats import read_image, save_cam_npz, write_label_png, write_rgb_png, write_seed_dict
 
         row: dict = {"name": name, "cam_node": self.node, "cam_actor": self.index, "cam_pid": os.getpid()}
         start = time.perf_counter()
@@ -90,7 +89,7 @@ class CamWorker:
         row["cam"] = layout.cam_rel(name)
         if self.save_seed:
             seed = cams_to_seed_dict(cams, classes)
-            artifacts.write_npy_dict(layout.path(layout.cam_seed_rel(name)), seed)
+            write_seed_dict(layout.path(layout.cam_seed_rel(name)), seed)
             row["cam_seed"] = layout.cam_seed_rel(name)
         if overlay:
             write_rgb_png(layout.path(layout.overlay_rel(name)), cam_overlay(image, rounded))

@@ -49,9 +49,10 @@ def choose_on_outputs(cfg: Config, layout: InferLayout, names: Sequence[str]) ->
     """Evaluate the CAMs and every alpha's CRF maps in `layout` against the ground truth, write the
     reports beside them (`eval_cam.json`, `eval_crf_a<alpha>.json`) and choose threshold and alpha."""
     from cse_ray.data.voc import mask_path
-    from cse_ray.evaluate import ConfusionSweep, write_reports
+    from cse_ray.evaluate import write_reports
     from cse_ray.formats import read_label_png
     from cse_ray.infer import load_cams
+    from cse_ray.metrics import ConfusionSweep
 
     root, sbd = cfg.data.root, cfg.data.sbd_root or None
     alphas = tuple(dict.fromkeys(float(a) for a in cfg.crf.alphas)) if cfg.crf.enabled else ()
