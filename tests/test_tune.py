@@ -20,8 +20,7 @@ from small_runs import SMALL_TRAINING
 
 from cse_ray.config import load_config, thresholds
 from cse_ray.errors import UserError
-from cse_ray.evaluate import save_cam_npz
-from cse_ray.formats import write_label_png
+from cse_ray.formats import save_cam_npz, write_label_png
 from cse_ray.layout import RunLayout
 from cse_ray.models import build_classifier
 from cse_ray.train import prepare_stage
