@@ -5,6 +5,7 @@
     RUN/train_cam/, RUN/train_cse/   one training stage each (StageLayout)
     RUN/cams/, crf/, pseudo_labels/  one inference run (InferLayout); RUN/ordinary/ and RUN/val/ hold more
     RUN/manifest.parquet             one row per inferred image
+    RUN/control/                     the pipeline's w = 0 control (a RunLayout of its own)
     RUN/eval/STEM.json|md|...        every evaluation of the pipeline
     RUN/report.json, report.md, contact_sheet.png
     RUN/tensorboard/NAME/            TensorBoard event files (see `RunLayout.tensorboard`)
@@ -203,6 +204,11 @@ class RunLayout:
     def val(self) -> InferLayout:
         """The eraser's outputs on the validation list, when it is not the inference list."""
         return InferLayout(_join(self.root, "val"))
+
+    @property
+    def control(self) -> RunLayout:
+        """The w = 0 control of the pipeline: its own train_cse/ and its CAMs on the validation list."""
+        return RunLayout(_join(self.root, "control"))
 
     # -- Tune
     @property

@@ -1,18 +1,13 @@
 """`cse-ray pipeline`: the whole chain as one run, each stage skipped when its outputs are complete.
 
-    data (synthetic when asked) -> train-cam -> train-cse -> infer (ordinary CAMs on val;
-    OC-CSE CAMs + CRF on the inference list and val) -> evaluate -> pseudo-labels -> report
+    data (synthetic when asked)
+      -> train-cam: the ordinary classifier (unless train_cse.classifier gives one)
+      -> train-cse: the eraser against it          [-> the w = 0 control, when pipeline.control]
+      -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF on the inference
+         list and val
+      -> evaluate every model on val -> pseudo-labels at the chosen alpha/threshold -> report
 
-The run directory:
-
-    OUT/train_cam/, OUT/train_cse/     the two networks (see cse_ray.train)
-    OUT/ordinary/cams/                 the ordinary classifier's CAMs on the validation list
-    OUT/cams/, OUT/crf/a{alpha}/       the eraser's CAMs and CRF label maps
-    OUT/pseudo_labels/NAME.png         from the CRF at the best alpha (or the CAM at the best threshold)
-    OUT/manifest.parquet               one row per inferred image
-    OUT/eval/*.json|md|png|parquet     every evaluation, with curves
-    OUT/report.json, OUT/report.md     the summary (report.json is written last: the run is finished)
-    OUT/contact_sheet.png, OUT/tensorboard/
+Every path is `cse_ray.layout.RunLayout`'s; report.json is written last, so it marks a finished run.
 """
 
 from __future__ import annotations
@@ -20,90 +15,92 @@ from __future__ import annotations
 from pathlib import Path
 
 from cse_ray import artifacts
-from cse_ray.config import Config, thresholds, with_absolute_paths, with_overrides
+from cse_ray.config import Config, save_run_config, thresholds, with_absolute_paths, with_overrides
 from cse_ray.errors import UserError
+from cse_ray.layout import InferLayout, RunLayout
 
-EVAL_DIR = "eval"
-ORDINARY_DIR = "ordinary"
-VAL_DIR = "val"
+CAMS_ONLY = {"crf.enabled": False, "infer.overlays": 0, "infer.save_seed": False}
 
 
 def run_pipeline(cfg: Config, out: str) -> dict:
     """Run (or resume) every stage and return report.json's content."""
-    cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # Ray workers run in other directories
     from cse_ray.data.prepare import load_split, resolve_data_root
     from cse_ray.infer import run_infer, write_pseudo_labels
     from cse_ray.models import check_backbone
-    from cse_ray.report import REPORT_FILE, summary_table
-    from cse_ray.train import MODEL_FILE, classifier_checkpoint, stage_path, train_cam, train_cse
+    from cse_ray.report import summary_table
+    from cse_ray.train import train_cam, train_cse
 
-    report_path = artifacts.join(out, REPORT_FILE)
-    if artifacts.exists(report_path):
-        report = artifacts.read_json(report_path)
-        print(f"pipeline: already finished in {out}\n{summary_table(report)}")
+    cfg, run = with_absolute_paths(cfg), RunLayout.at(out)  # Ray workers run in other directories
+    if artifacts.exists(run.report_json):
+        report = artifacts.read_json(run.report_json)
+        print(f"pipeline: already finished in {run.root}\n{summary_table(report)}")
         return report
     check_backbone(cfg.model.backbone)
-    root = resolve_data_root(cfg, out)
+    root = resolve_data_root(cfg, run.root)
     cfg = with_overrides(cfg, {"data.root": root})  # later stages reuse it as is
     val = load_split(cfg, root, "val_list", need_masks=True)
     infer_split = load_split(cfg, root, "infer_list")
+    save_run_config(cfg, run.root)
 
     if not cfg.train_cse.classifier:
-        train_cam(cfg, out)
-    train_cse(cfg, out)
-    classifier = classifier_checkpoint(cfg, out)
-    eraser = stage_path(out, "train_cse", MODEL_FILE)
+        train_cam(cfg, run.root)
+    classifier = cfg.train_cse.classifier or run.stage("train_cam").model
+    train_cse(cfg, run.root)
+    eraser = run.stage("train_cse").model
+    if cfg.pipeline.control:
+        train_cse(control_config(cfg, classifier), run.control.root)
 
-    # The ordinary classifier's CAMs on val (no CRF), in a folder of their own.
-    ordinary_out = artifacts.join(out, ORDINARY_DIR)
-    ordinary_cfg = with_overrides(cfg, {"crf.enabled": False, "infer.overlays": 0, "infer.save_seed": False})
-    run_infer(ordinary_cfg, ordinary_out, checkpoint=classifier, list_name=cfg.data.val_list,
+    cams_only = with_overrides(cfg, CAMS_ONLY)
+    run_infer(cams_only, run.ordinary.root, checkpoint=classifier, list_name=cfg.data.val_list,
               write_pseudo=False)
-    # The eraser's CAMs and CRF on the inference list, and on val when that is another list.
-    run_infer(cfg, out, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
-    val_out = out
-    if set(val.names) - set(infer_split.names):
-        val_out = artifacts.join(out, VAL_DIR)
-        run_infer(cfg, val_out, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
+    if cfg.pipeline.control:
+        run_infer(cams_only, run.control.root, checkpoint=run.control.stage("train_cse").model,
+                  list_name=cfg.data.val_list, write_pseudo=False)
+    run_infer(cfg, run.root, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
+    val_out = run.infer
+    if set(val.names) - set(infer_split.names):  # val is another list: the eraser's outputs on it too
+        val_out = run.val
+        run_infer(cfg, val_out.root, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
 
-    results = evaluate_run(cfg, out, root, val.names, ordinary_out, val_out)
+    results = evaluate_run(cfg, run, root, val.names, val_out)
     source, value = _pseudo_choice(cfg, results)
-    written = write_pseudo_labels(out, list(infer_split.names), source, value, cfg)
+    written = write_pseudo_labels(run.root, list(infer_split.names), source, value, cfg)
     if written.missing:
         raise RuntimeError(f"pseudo-labels: {written.missing} images have no stored CAM or CRF output")
-    return finish(cfg, out, root, val.names, results, ordinary_out, val_out, source, value,
-                  len(infer_split.names))
+    return finish(cfg, run, root, val.names, results, val_out, source, value, len(infer_split.names))
 
 
-def evaluate_run(cfg: Config, out: str, root: str, val_names, ordinary_out: str, val_out: str):
-    """Ordinary CAMs, OC-CSE CAMs and OC-CSE + CRF (every alpha) on the validation list."""
-    from cse_ray.layout import alpha_dir
+def control_config(cfg: Config, classifier: str) -> Config:
+    """The control: the same eraser training from the same classifier, without the erasing loss."""
+    return with_overrides(cfg, {"train_cse.cc_init": 0.0, "train_cse.cc_slope": 0.0,
+                                "train_cse.classifier": classifier})
+
+
+def evaluate_run(cfg: Config, run: RunLayout, root: str, val_names, val_out: InferLayout,
+                 ordinary: InferLayout | None = None):
+    """Ordinary CAMs, OC-CSE CAMs, OC-CSE + CRF (every alpha) and the control on the validation list.
+
+    Evaluation is one cheap pass over the files, so a rerun recomputes it rather than trusting a
+    stale report.
+    """
+    from cse_ray.evaluate import evaluate, write_reports
     from cse_ray.report import PipelineResults
 
-    gt_dir = _gt_dir(cfg, root)
+    gt_dir, labels = _gt_dir(cfg, root), cfg.data.labels
     grid = thresholds(cfg.evaluate)
-    log_dir = _tensorboard_dir(out)
-    ordinary = _evaluate_once(out, "ordinary_cam", artifacts.join(ordinary_out, "cams"), gt_dir, val_names,
-                              "cam", grid, log_dir)
-    cse = _evaluate_once(out, "cse_cam", artifacts.join(val_out, "cams"), gt_dir, val_names, "cam", grid,
-                         log_dir)
-    crf = {}
-    if cfg.crf.enabled:
-        for alpha in cfg.crf.alphas:
-            crf_dir = artifacts.join(val_out, "crf", alpha_dir(alpha))
-            crf[alpha] = _evaluate_once(out, f"cse_crf_a{alpha:g}", crf_dir, gt_dir, val_names, "label", None,
-                                        log_dir)
-    return PipelineResults(ordinary, cse, crf, 0, "", 0.0)
 
+    def once(stem: str, pred_dir: str, task: str):
+        result = evaluate(pred_dir, gt_dir, list(val_names), task=task,
+                          thresholds=grid if task == "cam" else None, labels=labels)
+        write_reports(result, run.eval_json(stem), log_dir=str(Path(run.tensorboard("eval"), stem)))
+        return result
 
-def _evaluate_once(out: str, stem: str, pred_dir: str, gt_dir: str, names, task: str, grid, log_dir: str):
-    """Evaluate and write the reports. Cheap (one pass over the files), so a rerun recomputes it."""
-    from cse_ray.evaluate import evaluate, write_reports
-
-    result = evaluate(pred_dir, gt_dir, list(names), task=task, thresholds=grid)
-    write_reports(result, artifacts.join(out, EVAL_DIR, f"{stem}.json"),
-                  log_dir=str(Path(log_dir, stem)) if log_dir else None)
-    return result
+    ordinary_cam = once("ordinary_cam", (ordinary or run.ordinary).cams_dir, "cam")
+    cse_cam = once("cse_cam", val_out.cams_dir, "cam")
+    crf = {alpha: once(f"cse_crf_a{alpha:g}", val_out.crf_dir(alpha), "label")
+           for alpha in (cfg.crf.alphas if cfg.crf.enabled else ())}
+    control = once("control_cam", run.control.infer.cams_dir, "cam") if cfg.pipeline.control else None
+    return PipelineResults(ordinary_cam, cse_cam, crf, control)
 
 
 def _pseudo_choice(cfg: Config, results) -> tuple[str, float]:
@@ -115,19 +112,22 @@ def _pseudo_choice(cfg: Config, results) -> tuple[str, float]:
     return "cam", float(threshold)
 
 
-def finish(cfg: Config, out: str, root: str, val_names, results, ordinary_out: str, val_out: str,
+def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: InferLayout,
            source: str, value: float, num_pseudo: int) -> dict:
-    from dataclasses import replace
-
-    from cse_ray.layout import alpha_dir
+    """The contact sheet, report.md and, last, report.json; prints the summary table."""
     from cse_ray.report import report_dict, summary_table, write_contact_sheet, write_report
 
-    results = replace(results, num_pseudo_labels=num_pseudo, pseudo_source=source, pseudo_value=value)
     best_alpha = results.best_alpha
-    crf_dir = artifacts.join(val_out, "crf", alpha_dir(best_alpha)) if best_alpha is not None else None
-    write_contact_sheet(out, root, list(val_names), ordinary_out, val_out, crf_dir, _gt_dir(cfg, root))
-    report = report_dict(results, out)
-    write_report(report, out)
+    columns = {"ordinary CAM": ("cam", run.ordinary.root)}
+    if results.control_cam is not None:
+        columns["control CAM (w = 0)"] = ("cam", run.control.infer.root)
+    columns["OC-CSE CAM"] = ("cam", val_out.root)
+    if best_alpha is not None:
+        columns["OC-CSE + CRF"] = ("label", val_out.crf_dir(best_alpha))
+    write_contact_sheet(run, root, list(val_names), columns, _gt_dir(cfg, root))
+    report = report_dict(results, run.root, num_pseudo, source, value)
+    run.sync_tensorboard("eval")
+    write_report(report, run)
     print(summary_table(report))
     return report
 
@@ -139,7 +139,3 @@ def _gt_dir(cfg: Config, root: str) -> str:
     if not gt.is_dir():
         raise UserError(f"config key data.root: {root} has no SegmentationClass folder to evaluate against")
     return str(gt)
-
-
-def _tensorboard_dir(out: str) -> str | None:
-    return None if artifacts.is_uri(out) else str(Path(out, "tensorboard", "eval"))

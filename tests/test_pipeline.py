@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
-from cse_ray.config import load_config, thresholds
+from cse_ray.config import from_dict, load_config, thresholds, with_overrides
 from cse_ray.data.voc import CATEGORY_NAMES, read_list
 from cse_ray.labels import PALETTE
 from cse_ray.pipeline import run_pipeline
@@ -35,26 +36,39 @@ REPORT_KEYS = ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou", "best_thresh
 def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
     ray_session, tmp_path: Path, capsys
 ) -> None:
-    cfg = load_config(REPO / "configs" / "smoke.yaml", SMALL)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [*SMALL, "pipeline.control=true"])
     out = tmp_path / "run"
     report = run_pipeline(cfg, str(out))
+
+    # The run records the config it ran with, paths resolved (the synthetic set under the run).
+    saved = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    assert saved == with_overrides(cfg, {"data.root": str(out / "data")})
 
     # report.json: INTERFACE.md's keys, in percent, the same as what run_pipeline returned.
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == report
-    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
-        assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
+    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou", "control_cam_miou"):
+        assert isinstance(report[key], float), key
     assert report["best_threshold"] in thresholds(cfg.evaluate)
     assert report["best_alpha"] in cfg.crf.alphas
 
     # The evaluation files behind the report.
     evals = {}
-    for stem in ("ordinary_cam", "cse_cam", *(f"cse_crf_a{alpha:g}" for alpha in cfg.crf.alphas)):
+    crf_stems = [f"cse_crf_a{alpha:g}" for alpha in cfg.crf.alphas]
+    for stem in ("ordinary_cam", "cse_cam", "control_cam", *crf_stems):
         evals[stem] = json.loads((out / "eval" / f"{stem}.json").read_text())
         assert sorted(evals[stem]["per_class"]) == sorted(CATEGORY_NAMES), stem
         assert evals[stem]["num_images"] == 6, stem
     assert report["ordinary_cam_miou"] == pytest.approx(evals["ordinary_cam"]["miou"], abs=1e-3)
     assert report["cse_cam_miou"] == pytest.approx(evals["cse_cam"]["miou"], abs=1e-3)
+    assert report["control_cam_miou"] == pytest.approx(evals["control_cam"]["miou"], abs=1e-3)
+    assert report["gain_over_control"] == pytest.approx(report["cse_cam_miou"] - report["control_cam_miou"],
+                                                        abs=2e-3)
+    # The control trained from the same classifier without the erasing loss.
+    control = json.loads((out / "control" / "train_cse" / "result.json").read_text())
+    assert [epoch["w"] for epoch in control["history"]] == [0.0]
+    assert json.loads((out / "control" / "train_cse" / "classifier.json").read_text())["path"] == str(
+        out / "train_cam" / "model.pth")
     assert report["best_threshold"] == evals["cse_cam"]["threshold"]
     assert report["cse_crf_miou"] == pytest.approx(
         evals[f"cse_crf_a{report['best_alpha']:g}"]["miou"], abs=1e-3)
@@ -81,9 +95,10 @@ def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
     assert all(row["pseudo_label"] == f"pseudo_labels/{row['name']}.png" for row in rows)
     assert {(row["pseudo_source"], row["pseudo_value"]) for row in rows} == {("crf", report["best_alpha"])}
 
+    # The contact sheet: image, ground truth, ordinary / control / OC-CSE CAMs, CRF; a row per val image.
     with Image.open(out / "contact_sheet.png") as sheet:
-        sheet.load()
-        assert sheet.width > 0 and sheet.height > 0
+        cell, pad, header = 128, 4, 18
+        assert sheet.size == (6 * (cell + pad) + pad, header + 6 * (cell + pad) + pad)
 
     # The same command again: the report is there, so nothing runs and nothing is rewritten.
     watched = [out / "report.json", out / "manifest.parquet", out / "train_cam" / "events.log",

@@ -227,7 +227,7 @@ def test_posthoc_choice_follows_the_pipeline_rules_on_tied_outputs(tmp_path: Pat
                        "crf.alphas=[10, 6, 24]")
 
     choice = choose_on_outputs(cfg, run.posthoc, names)
-    pipeline = evaluate_run(cfg, run.root, str(root), names, run.posthoc.root, run.posthoc.root)
+    pipeline = evaluate_run(cfg, run, str(root), names, val_out=run.posthoc, ordinary=run.posthoc)
 
     assert choice.threshold == pipeline.cse_cam.threshold
     assert choice.alpha == pipeline.best_alpha == 6.0

@@ -22,6 +22,7 @@ from cse_ray.config.schema import (
     EvalConfig,
     InferConfig,
     ModelConfig,
+    PipelineConfig,
     SynthConfig,
     TrainCamConfig,
     TrainCseConfig,
@@ -30,6 +31,7 @@ from cse_ray.config.schema import (
 
 __all__ = [
     "LIST_KEYS", "PATH_KEYS", "Config", "CrfConfig", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
+    "PipelineConfig",
     "SynthConfig", "TrainCamConfig", "TrainCseConfig", "TuneConfig", "dump_yaml", "from_dict", "get_dotted",
     "is_list_name", "load_config", "save_run_config", "thresholds", "to_dict", "validate",
     "with_absolute_paths", "with_overrides",

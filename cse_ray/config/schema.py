@@ -178,6 +178,15 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """What `cse-ray pipeline` runs besides the method's own chain."""
+
+    # Also train the eraser without the erasing loss (w = 0, same classifier, schedule and epochs) and
+    # report its CAM mIoU: the gain over it is what erasing adds beyond more training.
+    control: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,5 +196,6 @@ class Config:
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
