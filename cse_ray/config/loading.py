@@ -241,6 +241,8 @@ def validate(cfg: Config) -> Config:
         for p in t.dropout:
             if not 0.0 <= p < 1.0:
                 raise UserError(f"config key {stage}.dropout: {p} is outside [0, 1)")
+        if not t.head_dropout < 1.0:
+            raise UserError(f"config key {stage}.head_dropout: {t.head_dropout} is outside [0, 1)")
     extra_resources = (("infer.cam_resources", cfg.infer.cam_resources), ("crf.resources", cfg.crf.resources))
     for key, mapping in extra_resources:
         for name, amount in mapping.items():
