@@ -33,9 +33,10 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     cfg, out = with_absolute_paths(cfg), artifacts.absolute(out)  # Ray workers run in other directories
     from cse_ray.data.prepare import load_split, resolve_data_root
     from cse_ray.infer import run_infer, write_pseudo_labels
+    from cse_ray.layout import RunLayout
     from cse_ray.models import check_backbone
     from cse_ray.report import REPORT_FILE, summary_table
-    from cse_ray.train import MODEL_FILE, classifier_checkpoint, stage_path, train_cam, train_cse
+    from cse_ray.train import classifier_checkpoint, train_cam, train_cse
 
     report_path = artifacts.join(out, REPORT_FILE)
     if artifacts.exists(report_path):
@@ -52,7 +53,7 @@ def run_pipeline(cfg: Config, out: str) -> dict:
         train_cam(cfg, out)
     train_cse(cfg, out)
     classifier = classifier_checkpoint(cfg, out)
-    eraser = stage_path(out, "train_cse", MODEL_FILE)
+    eraser = RunLayout.at(out).stage("train_cse").model
 
     # The ordinary classifier's CAMs on val (no CRF), in a folder of their own.
     ordinary_out = artifacts.join(out, ORDINARY_DIR)
