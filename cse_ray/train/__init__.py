@@ -28,7 +28,6 @@ from cse_ray.train.epoch import EpochContext, mask_scores, run_epoch, worker_pri
 from cse_ray.train.faults import TEST_FAULT_ENV, TEST_NAN_ENV, FaultHooks
 from cse_ray.train.loop import IndexedDataset, build_networks, train_loop_per_worker
 from cse_ray.train.stage import (
-    STAGES,
     StageInputs,
     classifier_checkpoint,
     fit_stage,
@@ -50,7 +49,7 @@ def stage_path(out: str, stage: str, *parts: str) -> str:
 
 
 __all__ = [
-    "FAILED_FILE", "MODEL_FILE", "RESULT_FILE", "STAGES", "TEST_FAULT_ENV", "TEST_NAN_ENV",
+    "FAILED_FILE", "MODEL_FILE", "RESULT_FILE", "TEST_FAULT_ENV", "TEST_NAN_ENV",
     "EpochContext", "FaultHooks", "IndexedDataset", "StageInputs", "TrainState",
     "build_networks", "classifier_checkpoint", "fit_stage", "mask_scores", "prepare_stage",
     "resume_checkpoint", "run_epoch", "stage_path", "train_both", "train_cam", "train_cse",

@@ -20,8 +20,6 @@ from cse_ray.models import check_backbone
 from cse_ray.train.faults import FaultHooks
 from cse_ray.train.loop import train_loop_per_worker
 
-STAGES = ("train_cam", "train_cse")
-
 
 def train_cam(cfg: Config, out: str) -> dict:
     """Train the ordinary CAM classifier; returns the run summary (kept epoch, mIoU, paths)."""
