@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cse_ray.labels import VOC
 from cse_ray.models import build_classifier
 from cse_ray.objective import cse_losses, freeze_classifier, freeze_eraser_layers, set_train_mode
 from cse_ray.optim import ERASER_SCRATCH, build_optimizer
@@ -31,7 +32,7 @@ CASES = {
     "tiny": ("resnet38d_tiny", 8, 96),
     "full": ("resnet38d", 2, 128),
 }
-NUM_CLASSES = 20
+NUM_CLASSES = VOC.num_classes  # the benchmark measures the VOC heads
 ERASE_WEIGHT = 0.3
 
 

@@ -46,7 +46,7 @@ def plain_loop(cfg, threads: int) -> list[float]:
     from cse_ray.objective import erase_weight, set_train_mode
     from cse_ray.optim import ERASER_SCRATCH, build_optimizer
     from cse_ray.runtime import local_device
-    from cse_ray.train import _Indexed, build_networks, run_epoch
+    from cse_ray.train import EpochContext, IndexedDataset, build_networks, run_epoch
 
     torch.set_num_threads(threads)
     scfg = cfg.train_cse
@@ -55,17 +55,17 @@ def plain_loop(cfg, threads: int) -> list[float]:
     model, frozen = build_networks("train_cse", cfg, scfg.classifier, device)
     dataset = TrainDataset(split.root, split.names, split.labels, crop=scfg.crop,
                            resize_long=scfg.resize_long, seed=scfg.seed)
-    loader = DataLoader(_Indexed(dataset), batch_size=scfg.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(IndexedDataset(dataset), batch_size=scfg.batch_size, shuffle=True, drop_last=True)
     steps = len(dataset) // scfg.batch_size
     optimizer = build_optimizer(model, scfg.lr, scfg.weight_decay, steps * scfg.epochs,
                                 scratch=ERASER_SCRATCH)
+    ctx = EpochContext("train_cse", model, frozen, loader, optimizer, device, scfg,
+                       cfg.data.labels.num_classes, steps)
     rates = []
     for epoch in range(scfg.epochs):
         dataset.set_epoch(epoch)
         set_train_mode(model)
-        weight = erase_weight(scfg.cc_init, scfg.cc_slope, epoch)
-        stats = run_epoch(model, frozen, loader, optimizer, device, epoch, scfg, cfg, weight, steps,
-                          show_progress=False, stage="train_cse")
+        stats = run_epoch(ctx, epoch, erase_weight(scfg.cc_init, scfg.cc_slope, epoch))
         rates.append(stats["images_per_s"])
     return rates
 

@@ -15,6 +15,7 @@ from small_runs import SMALL_TRAINING
 from cse_ray.config import load_config
 from cse_ray.models import build_classifier, load_weights
 from cse_ray.train import TEST_FAULT_ENV, TEST_NAN_ENV, train_cam, train_cse
+from cse_ray.train.checkpoints import STATE_FILE, checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,11 +33,18 @@ def test_train_cam_then_cse_on_two_workers(ray_session, tmp_path: Path) -> None:
     cse = train_cse(cfg, out)
     for stage, summary in (("train_cam", cam), ("train_cse", cse)):
         assert [h["epoch"] for h in summary["history"]] == [1, 2]
-        assert 0.0 <= summary["best_miou"] <= 100.0
+        kept = summary["history"][summary["best_epoch"] - 1]
+        assert (summary["best_miou"], summary["best_threshold"]) == (kept["val_miou"], kept["val_threshold"])
         model = build_classifier("resnet38d_tiny")
         report = load_weights(model, summary["model"])  # strict: every entry present
         assert report.complete
-        assert list((tmp_path / "run" / stage / "ray" / stage).glob("checkpoint_*"))
+        # model.pth holds the kept epoch's weights, the same as that epoch's checkpoint.
+        checkpoint = Path(summary["checkpoints"], stage, checkpoint_name(summary["best_epoch"]), STATE_FILE)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        assert saved["state"]["epoch"] == summary["best_epoch"]
+        assert all(torch.equal(value, saved["model"][key]) for key, value in model.state_dict().items())
+        epochs = sorted(p.name for p in (tmp_path / "run" / stage / "ray" / stage).glob("epoch_*"))
+        assert epochs == [checkpoint_name(1), checkpoint_name(2)]  # CheckpointConfig keeps the newest two
         assert list((tmp_path / "run" / "tensorboard" / stage).glob("events.out.tfevents.*"))
     assert cse["history"][1]["w"] == pytest.approx(0.3 + 0.05)  # w = cc_init + cc_slope * epoch
     assert cam["best_epoch"] == 2  # train_cam keeps its last epoch (psa's train_cls)

@@ -4,8 +4,10 @@ The training, CAM and CRF hyperparameters default to the reference's values (psa
 train_cam, OC-CSE for train_cse; METHOD.md). What the defaults cannot know is the dataset: lists,
 weights and validation scales default to a plain VOC layout, so `configs/voc12.yaml` is the paper's
 full recipe (train_aug, validation on VOC train with 4 scales, ImageNet weights); docs/METHOD_NOTES.md
-lists every deliberate difference and the option that restores the reference. Field metadata carries the allowed range or choices that `cse_ray.config.loading`
-checks, so a key's type, default and bounds live in one place.
+lists every deliberate difference and the option that restores the reference.
+
+Field metadata carries the allowed range or choices that `cse_ray.config.loading` checks, so a key's
+type, default and bounds live in one place.
 """
 
 from __future__ import annotations
