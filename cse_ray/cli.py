@@ -41,6 +41,7 @@ CONFIG_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from cse_ray.config import SynthConfig
+    from cse_ray.data.coco_convert import DEFAULT_CHUNK
 
     parser = argparse.ArgumentParser(prog="cse-ray", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--workers", type=int, default=None,
                       help="Ray tasks at once (default: every CPU of the cluster, or of this machine); "
                            "0 = compute in this process, without Ray")
-    coco.add_argument("--chunk", type=int, default=32, help="images per Ray task (default 32)")
+    coco.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                      help=f"images per Ray task (default {DEFAULT_CHUNK})")
 
     for name, text in CONFIG_COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
