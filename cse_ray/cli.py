@@ -41,6 +41,7 @@ CONFIG_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from cse_ray.config import SynthConfig
+    from cse_ray.data.coco_convert import DEFAULT_CHUNK
 
     parser = argparse.ArgumentParser(prog="cse-ray", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = SynthConfig()  # the one owner of the synthetic set's defaults
-    synth = sub.add_parser("synth", help="write the embedded synthetic dataset in the VOC layout")
+    synth = sub.add_parser("synth", help="write the embedded synthetic dataset (VOC or COCO 2014 layout)")
     synth.add_argument("--out", required=True, help="dataset root to write")
+    synth.add_argument("--layout", choices=("voc", "coco"), default="voc",
+                       help="voc: PASCAL VOC 2012 folders (default); coco: train2014/, val2014/ and "
+                            "annotations/instances_*2014.json (then `cse-ray data coco`)")
     synth.add_argument("--train", type=int, default=d.train, help=f"training images (default {d.train})")
     synth.add_argument("--val", type=int, default=d.val, help=f"validation images (default {d.val})")
     synth.add_argument("--size", type=int, default=d.size, help=f"long side in pixels (default {d.size})")
@@ -67,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     lists.add_argument("--root", required=True, help="VOC2012 root (JPEGImages, Annotations, ...)")
     lists.add_argument("--sbd", default=None, help="SBD root with SegmentationClassAug (optional)")
     lists.add_argument("--out", required=True, help="directory for the lists")
+    coco = data_sub.add_parser(
+        "coco", help="VOC-layout dataset (masks, lists, labels file) from COCO 2014 instance annotations",
+        description="Write DIR/JPEGImages (links to the COCO images), DIR/SegmentationClass (semantic "
+                    "masks), DIR/ImageSets/Segmentation/{train,val}.txt and DIR/cls_labels.npy from "
+                    "COCO/annotations/instances_{train,val}2014.json; then data.dataset=coco "
+                    "data.root=DIR runs every stage. Resumes when run again.")
+    coco.add_argument("--root", required=True, help="COCO 2014 root (train2014/, val2014/, annotations/)")
+    coco.add_argument("--out", required=True, help="dataset directory to write (data.root of the runs)")
+    coco.add_argument("--workers", type=int, default=None,
+                      help="Ray tasks at once (default: every CPU of the cluster, or of this machine); "
+                           "0 = compute in this process, without Ray")
+    coco.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                      help=f"images per Ray task (default {DEFAULT_CHUNK})")
 
     for name, text in CONFIG_COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
@@ -117,14 +134,23 @@ def command_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> None:
     """Dispatch one parsed command. Raises UserError for bad input."""
     if args.command == "synth":
-        from cse_ray.data.synth import generate
+        if args.layout == "coco":
+            from cse_ray.data.synth.coco import generate_coco as generate
+        else:
+            from cse_ray.data.synth import generate
 
         generate(
             args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
             part_strength=args.part_strength, body_strength=args.body_strength,
             body_texture=args.body_texture,
         )
-        print(f"synthetic dataset written to {args.out}")
+        print(f"synthetic dataset ({args.layout} layout) written to {args.out}")
+    elif args.command == "data" and args.data_command == "coco":
+        from cse_ray.data.coco_convert import convert
+
+        for summary in convert(args.root, args.out, workers=args.workers, chunk_size=args.chunk).values():
+            print(summary.line())
+        print(f"dataset written to {args.out} (data.dataset: coco, data.root: {args.out})")
     elif args.command == "data":
         from cse_ray.data.voc import write_lists
 

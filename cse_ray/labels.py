@@ -69,7 +69,21 @@ VOC = LabelSpace(
      "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"),
 )
 
-LABEL_SPACES: dict[str, LabelSpace] = {"voc": VOC}
+COCO = LabelSpace(
+    "coco",
+    # MS-COCO's 80 categories in ascending category id (1..90 with gaps): class k is the k-th id.
+    ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+     "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+     "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+     "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+     "scissors", "teddy bear", "hair drier", "toothbrush"),
+)
+
+LABEL_SPACES: dict[str, LabelSpace] = {"voc": VOC, "coco": COCO}
 
 
 def label_space(dataset: str) -> LabelSpace:
