@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -111,3 +112,32 @@ def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
     leftovers = [Path(folder, name) for folder, _, files in os.walk(out) for name in files
                  if name.startswith(".") and "ray" not in Path(folder).relative_to(out).parts]
     assert not leftovers  # no temp files of the atomic writes (Ray Train's own folders aside)
+
+
+def test_the_chain_runs_on_coco_with_81_categories(ray_session, tmp_path: Path) -> None:
+    """configs/smoke-coco.yaml: the synthetic set in the COCO layout, converted as `cse-ray data coco`
+    does, through train-cam -> train-cse -> infer -> CRF -> evaluate with COCO's 80 classes."""
+    from cse_ray.labels import COCO
+
+    cfg = load_config(REPO / "configs" / "smoke-coco.yaml", [
+        "data.synth.train=16", "data.synth.val=7", "data.synth.size=48",
+        "train_cam.crop=48", "train_cam.resize_long=[40,56]", "train_cam.epochs=1",
+        "train_cse.crop=48", "train_cse.resize_long=[40,56]", "train_cse.epochs=1"])
+    out = tmp_path / "run"
+    report = run_pipeline(cfg, str(out))
+
+    assert json.loads((out / "data" / "coco2014" / "annotations" / "instances_val2014.json").read_text())[
+        "categories"][-1]["id"] == 90  # real COCO ids, with gaps
+    val = read_list(out / "data" / "ImageSets" / "Segmentation" / "val.txt")
+    assert len(val) == 6  # 7 images, one without annotations left out
+    for stem in ("ordinary_cam", "cse_cam", *(f"cse_crf_a{alpha:g}" for alpha in cfg.crf.alphas)):
+        evaluation = json.loads((out / "eval" / f"{stem}.json").read_text())
+        assert list(evaluation["per_class"]) == list(COCO.category_names), stem
+        assert len(evaluation["per_class"]) == 81 and evaluation["num_images"] == 6
+    assert report["cse_cam_miou"] == pytest.approx(
+        json.loads((out / "eval" / "cse_cam.json").read_text())["miou"], abs=1e-3)
+    model = torch.load(out / "train_cse" / "model.pth", weights_only=True)
+    assert model["fc8.weight"].shape[0] == 80
+    for name in val:
+        label = np.asarray(Image.open(out / "pseudo_labels" / f"{name}.png"))
+        assert label.max() <= 80

@@ -42,13 +42,28 @@ def resolve_data_root(cfg: Config, out: str) -> str:
         if artifacts.is_uri(out):
             raise UserError("config key data.root: required when --out is a URI (the data must be local)")
         root = RunLayout.at(out).data
-    if cfg.data.synth.enabled:
+    if cfg.data.synth.enabled and cfg.data.dataset == "coco":
+        _synthetic_coco(root, cfg.data.synth)
+    elif cfg.data.synth.enabled:
         from cse_ray.data.synth import generate_from_config
 
         generate_from_config(root, cfg.data.synth)
     elif not Path(root, "JPEGImages").is_dir():
         raise UserError(f"config key data.root: {root} has no JPEGImages directory (not a VOC root)")
     return root
+
+
+def _synthetic_coco(root: str, synth) -> None:
+    """The synthetic set in the COCO 2014 layout under ROOT/coco2014, converted into ROOT as
+    `cse-ray data coco` does (idempotent: both steps reuse what is complete)."""
+    from cse_ray.data.coco_convert import convert
+    from cse_ray.data.synth.coco import generate_coco
+
+    raw = Path(root, "coco2014")
+    generate_coco(raw, train=synth.train, val=synth.val, size=synth.size, seed=synth.seed,
+                  part_strength=synth.part_strength, body_strength=synth.body_strength,
+                  body_texture=synth.body_texture)
+    convert(raw, root, workers=0, progress=False)
 
 
 def load_split(
