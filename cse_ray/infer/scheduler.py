@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cse_ray import artifacts
-from cse_ray.config import Config, with_absolute_paths
+from cse_ray.config import Config, save_run_config, with_absolute_paths
 from cse_ray.crf import CrfResult
 from cse_ray.errors import short_error
 from cse_ray.infer.manifest import PSEUDO_FIELDS, Listing, Manifest
@@ -87,6 +87,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
 
     started = time.perf_counter()
     plan = prepare(cfg, layout, checkpoint, list_name, write_pseudo)
+    save_run_config(cfg, layout.root)
     ensure_ray()
     use_gpu = cfg.infer.gpus_per_actor > 0 and resolve_use_gpu(cfg.infer.use_gpu)
     check_cluster(cfg, use_gpu)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cse_ray import artifacts
-from cse_ray.config import Config, TrainCamConfig, to_dict, with_absolute_paths
+from cse_ray.config import Config, TrainCamConfig, save_run_config, to_dict, with_absolute_paths
 from cse_ray.data.prepare import Split, load_split, resolve_data_root
 from cse_ray.errors import UserError
 from cse_ray.layout import RunLayout, StageLayout
@@ -118,6 +118,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
               f"mIoU {summary['best_miou']:.2f}); nothing to do")
         return summary
     inputs = prepare_stage(stage, cfg, out)
+    save_run_config(cfg, out)
     scfg: TrainCamConfig = getattr(cfg, stage)
 
     import ray.train

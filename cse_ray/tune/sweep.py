@@ -34,7 +34,7 @@ import sys
 from typing import Any
 
 from cse_ray import artifacts
-from cse_ray.config import Config, dump_yaml, to_dict, with_absolute_paths, with_overrides
+from cse_ray.config import Config, dump_yaml, save_run_config, to_dict, with_absolute_paths, with_overrides
 from cse_ray.errors import UserError
 from cse_ray.layout import RunLayout
 from cse_ray.tune.results import METRIC, TIME_ATTR, TuneSummary, summary_table, trial_rows, trials_table
@@ -72,6 +72,7 @@ def run_tune(cfg: Config, out: str) -> TuneSummary:
     classifier = cfg.train_cse.classifier
     if classifier and not artifacts.exists(classifier):
         raise UserError(f"config key train_cse.classifier: {classifier} not found")
+    save_run_config(cfg, layout.root)
     ensure_ray()
     _check_resources(cfg)
     remove_orphaned_placement_groups()
