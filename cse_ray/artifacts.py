@@ -132,28 +132,80 @@ def write_parquet(path: str | Path, table) -> None:
     write_bytes(path, buffer.getvalue().to_pybytes())
 
 
-def check_storage(out: str | Path) -> None:
-    """Refuse a remote `--out` that cannot be written before any work starts (exit 2 naming it).
+_CHECKED: set[str] = set()  # run roots this process has already checked
 
-    A local folder is created on demand. For a URI the bucket must exist and the credentials must
-    reach it; the endpoint of an S3-compatible store comes from AWS_ENDPOINT_URL (or the URI's
-    `?endpoint_override=`), read by pyarrow.
+
+def check_storage(out: str | Path) -> None:
+    """Refuse a remote `--out` that cannot be written, before any work starts (exit 2 naming it).
+
+    A local folder is created on demand. For a URI: its query string must be one pyarrow understands
+    (`?endpoint_override=host:port&scheme=http` and the like), S3 credentials must be configured, the
+    bucket must exist and a small object must be writable there (then deleted). The endpoint of an
+    S3-compatible store comes from AWS_ENDPOINT_URL (or the URI's `?endpoint_override=`), read by
+    pyarrow. Each root is checked once per process.
     """
     from cse_ray.errors import UserError
 
-    if not is_uri(out):
+    out = str(out)
+    if not is_uri(out) or out.startswith("file://") or out in _CHECKED:
         return
     from pyarrow import fs
 
     try:
-        filesystem, inner = _filesystem(str(out))
-        bucket = inner.split("/", 1)[0]
+        filesystem, inner = _filesystem(out)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0][:300]
+        what = "its query string is not understood" if "?" in out and "query" in reason.lower() else \
+            "not a storage URI pyarrow can open"
+        raise UserError(f"--out {out}: {what} ({reason})") from None
+    if out.startswith("s3://") and "anonymous=true" not in out.partition("?")[2]:
+        missing = missing_aws_credentials()
+        if missing:
+            raise UserError(f"--out {out}: no AWS credentials: {missing}")
+    bucket = inner.split("/", 1)[0]
+    try:
         found = filesystem.get_file_info(bucket).type != fs.FileType.NotFound
     except (OSError, ValueError) as err:
         raise UserError(f"--out {out}: cannot reach the storage ({str(err).splitlines()[0][:300]}); "
                         "check the credentials and AWS_ENDPOINT_URL") from None
     if not found:
         raise UserError(f"--out {out}: the bucket '{bucket}' does not exist (create it first)")
+    probe = join(out, ".cse-ray-write-check")
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write to the bucket '{bucket}' "
+                        f"({str(err).splitlines()[0][:300]}); check the credentials' permissions") from None
+    _CHECKED.add(out)
+
+
+def missing_aws_credentials() -> str:
+    """Why the AWS SDK's credential chain would find nothing here ("" when it can find something).
+
+    Without credentials the SDK sends unsigned requests: a real store refuses them with an unclear
+    "access denied" half-way through a run, and a permissive S3-compatible server accepts them. The
+    chain: the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY variables, a profile in the shared files
+    (~/.aws/credentials, ~/.aws/config, AWS_PROFILE), web identity or container credentials, then
+    the EC2 instance metadata, which only the SDK can ask (unless AWS_EC2_METADATA_DISABLED=true).
+    """
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return ""
+    if any(env.get(name) for name in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                                      "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return ""
+    home = Path(env.get("HOME") or "~").expanduser()
+    shared = [Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials"),
+              Path(env.get("AWS_CONFIG_FILE") or home / ".aws" / "config")]
+    if any(path.is_file() and path.stat().st_size for path in shared):
+        return ""
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        return ""  # an instance role may provide them: the SDK asks the metadata service
+    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY"):
+        return "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set"
+    return ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials "
+            "(the instance metadata is off: AWS_EC2_METADATA_DISABLED=true)")
 
 
 def exists(path: str | Path) -> bool:
@@ -163,6 +215,45 @@ def exists(path: str | Path) -> bool:
         filesystem, inner = _filesystem(str(path))
         return filesystem.get_file_info(inner).type != fs.FileType.NotFound
     return Path(path).exists()
+
+
+def is_dir(path: str | Path) -> bool:
+    """A local directory, or a URI prefix holding at least one object (object stores have no folders)."""
+    if is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = _filesystem(str(path))
+        return filesystem.get_file_info(inner).type == fs.FileType.Directory
+    return Path(path).is_dir()
+
+
+def list_files(folder: str | Path) -> set[str]:
+    """Names of the finished files directly in `folder`, in one listing (temp files start with '.');
+    empty when the folder does not exist. Object stores answer one request per listing, not per file."""
+    if is_uri(folder):
+        from pyarrow import fs
+
+        filesystem, inner = _filesystem(str(folder))
+        infos = filesystem.get_file_info(fs.FileSelector(inner, allow_not_found=True))
+        names = [info.base_name for info in infos if info.type == fs.FileType.File]
+    else:
+        try:
+            names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+        except FileNotFoundError:
+            return set()
+    return {name for name in names if not name.startswith(".")}
+
+
+def remove(path: str | Path) -> None:
+    """Delete one file, local or remote; nothing happens when it does not exist."""
+    if is_uri(path):
+        filesystem, inner = _filesystem(str(path))
+        try:
+            filesystem.delete_file(inner)
+        except FileNotFoundError:
+            pass
+        return
+    Path(path).unlink(missing_ok=True)
 
 
 def read_bytes(path: str | Path) -> bytes:

@@ -187,6 +187,9 @@ STAGE_FUNCTIONS = {
 def _run_stage(command: str, cfg, out: str) -> None:
     import importlib
 
+    from cse_ray import artifacts
+
+    artifacts.check_storage(out)  # a remote --out that cannot be written: exit 2 before anything runs
     module, function = STAGE_FUNCTIONS[command]
     getattr(importlib.import_module(module), function)(cfg, out)  # each resolves relative paths itself
 

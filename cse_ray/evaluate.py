@@ -16,6 +16,7 @@ Parallelism: a local thread pool reads the files (numpy, zlib and PNG decoding r
 tasks over chunks of names are used when `use_ray=True`, or when `use_ray=None`, Ray is already
 initialised and the list has more than `RAY_MIN_IMAGES` images (`use_ray=True` starts a local Ray when
 none is running). Ray tasks read the files by path, so both directories must be visible to every node.
+Either directory may be a `s3://`/`gs://` URI: every file is read through `cse_ray.artifacts`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def _sweep_chunk(pred_dir: str, gt_dir: str, names: Sequence[str], task: str, fm
     sweep = ConfusionSweep(thresholds, keep_per_image, labels)
     suffix = prediction_suffix(task, fmt)
     for name in names:
-        pred_path = os.path.join(pred_dir, name + suffix)
-        gt = read_label_png(os.path.join(gt_dir, name + ".png"), what="ground truth")
+        pred_path = artifacts.join(pred_dir, name + suffix)
+        gt = read_label_png(artifacts.join(gt_dir, name + ".png"), what="ground truth")
         if task == "cam":
             cams, classes = load_cam_npz(pred_path) if fmt == "native" else load_seed_cams(pred_path)
             sweep.add_cams(cams, classes, gt, name=name, source=pred_path)
@@ -74,7 +75,8 @@ def _chunks(names: Sequence[str], count: int) -> list[list[str]]:
 
 
 def _missing(directory: str, names: Sequence[str], suffix: str) -> list[str]:
-    return [n for n in names if not os.path.isfile(os.path.join(directory, n + suffix))]
+    present = artifacts.list_files(directory)  # one listing: one request on an object store
+    return [n for n in names if n + suffix not in present]
 
 
 def _default_workers() -> int:
@@ -107,7 +109,7 @@ def evaluate(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str], n
         grid = None
     pred_dir, gt_dir = os.fspath(pred_dir), os.fspath(gt_dir)
     for directory, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not os.path.isdir(directory):
+        if not artifacts.is_dir(directory):
             raise UserError(f"{directory}: {what} directory does not exist")
     suffix = prediction_suffix(task, fmt)
     for directory, ext, what in ((pred_dir, suffix, "predictions"), (gt_dir, ".png", "ground truths")):
@@ -175,9 +177,11 @@ def report_paths(out_json: str | os.PathLike[str]) -> dict[str, str]:
     Plain string handling, so that `s3://`/`gs://` URIs work as well as local paths.
     """
     out = os.fspath(out_json)
-    stem = out[: -len(".json")] if out.endswith(".json") else out
-    return {"json": out, "markdown": f"{stem}.md", "per_image": f"{stem}.images.parquet",
-            "plot": f"{stem}.curve.png"}
+    # A URI's query string (pyarrow's filesystem options) stays at the end.
+    location, mark, query = out.partition("?") if artifacts.is_uri(out) else (out, "", "")
+    stem = location[: -len(".json")] if location.endswith(".json") else location
+    return {"json": out, "markdown": f"{stem}.md{mark}{query}",
+            "per_image": f"{stem}.images.parquet{mark}{query}", "plot": f"{stem}.curve.png{mark}{query}"}
 
 
 def per_image_table(result: EvalResult) -> Any:
@@ -199,10 +203,22 @@ def per_image_table(result: EvalResult) -> Any:
 def write_tensorboard(result: EvalResult, log_dir: str | os.PathLike[str], step: int = 0,
                       prefix: str = "eval") -> None:
     """Scalars `eval/miou`, `eval/miou_present`, `eval/threshold`, `eval/iou/<class>` at `step`, and the
-    curve as `eval/curve_miou` (and `eval/curve_threshold`) with step = threshold index."""
+    curve as `eval/curve_miou` (and `eval/curve_threshold`) with step = threshold index.
+
+    A URI `log_dir` gets the event file uploaded once it is closed (object stores cannot append)."""
+    import tempfile
+    from pathlib import Path
+
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=os.fspath(log_dir))
+    target = os.fspath(log_dir)
+    if artifacts.is_uri(target):
+        with tempfile.TemporaryDirectory() as local:
+            write_tensorboard(result, local, step, prefix)
+            for path in Path(local).iterdir():
+                artifacts.write_bytes(artifacts.join(target, path.name), path.read_bytes())
+        return
+    writer = SummaryWriter(log_dir=target)
     try:
         writer.add_scalar(f"{prefix}/miou", result.miou, step)
         writer.add_scalar(f"{prefix}/miou_present", result.miou_present, step)

@@ -257,8 +257,12 @@ class RunLayout:
         digest = hashlib.sha256(target.encode()).hexdigest()[:16]
         return str(Path(tempfile.gettempdir(), "cse-ray-tensorboard", digest, name))
 
-    def sync_tensorboard(self, name: str) -> int:
-        """Upload the local event files of `name` to RUN/tensorboard/NAME (remote runs); returns the count."""
+    def sync_tensorboard(self, name: str, final: bool = False) -> int:
+        """Upload the local event files of `name` to RUN/tensorboard/NAME (remote runs); returns the count.
+
+        final: the writer is closed for good (the stage finished): the local copy is removed after the
+        upload, so a finished remote run leaves nothing on the local disk.
+        """
         if not self.is_remote:
             return 0
         local = Path(self.tensorboard(name))
@@ -268,4 +272,8 @@ class RunLayout:
                 rel = path.relative_to(local).as_posix()
                 artifacts.write_bytes(_join(self.tensorboard_target(name), rel), path.read_bytes())
                 sent += 1
+        if final:
+            import shutil
+
+            shutil.rmtree(local.parent, ignore_errors=True)
         return sent

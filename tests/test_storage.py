@@ -74,3 +74,112 @@ def test_tensorboard_files_are_uploaded_for_a_remote_run(bucket):
     files = filesystem.get_file_info(fs.FileSelector(inner, recursive=True))
     assert [f.base_name.startswith("events.out.tfevents") for f in files] == [True]
     assert json.dumps(RunLayout.at("/tmp/x").tensorboard("train_cam")) == '"/tmp/x/tensorboard/train_cam"'
+
+
+NO_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def test_missing_credentials_are_refused_before_any_request(bucket, tmp_path, monkeypatch):
+    """Without credentials the SDK would send unsigned requests (which this permissive server accepts)."""
+    for name in NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    expected = f"--out {bucket}/runs/nokeys: no AWS credentials: set AWS_ACCESS_KEY_ID"
+    with pytest.raises(UserError, match=expected):
+        artifacts.check_storage(f"{bucket}/runs/nokeys")
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text("[default]\naws_access_key_id = testing\n"
+                                                   "aws_secret_access_key = testing\n")
+    artifacts.check_storage(f"{bucket}/runs/nokeys")  # a profile in the shared file is enough
+
+
+def test_a_query_string_pyarrow_understands_works_and_any_other_is_refused(bucket, s3_server, monkeypatch):
+    host = s3_server.removeprefix("http://")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from the URI alone
+    run = RunLayout.at(f"{bucket}/runs/query?endpoint_override={host}&scheme=http")
+    artifacts.check_storage(run.root)
+    artifacts.write_json(run.eval_json("cse_cam"), {"miou": 1.0})
+    from cse_ray.evaluate import report_paths
+
+    assert report_paths(run.eval_json("cse_cam"))["markdown"] == (
+        f"{bucket}/runs/query/eval/cse_cam.md?endpoint_override={host}&scheme=http")
+    with pytest.raises(UserError, match=r"--out s3://\S+\?colour=blue: its query string is not understood"):
+        artifacts.check_storage(f"{bucket}/runs/query?colour=blue")
+
+
+def test_the_cli_exits_2_naming_bad_storage_before_ray_starts(bucket, tmp_path):
+    """A missing bucket, missing credentials, a query string pyarrow does not read: exit 2, no Ray."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_dir), PYTHONPATH=str(repo), AWS_EC2_METADATA_DISABLED="true")
+    no_keys = {k: v for k, v in env.items() if k not in NO_CREDENTIALS}
+    no_keys["HOME"] = str(tmp_path)
+    smoke = str(repo / "configs" / "smoke.yaml")
+    cases = [
+        ("s3://no-such-bucket/run", env, "the bucket 'no-such-bucket' does not exist"),
+        (f"{bucket}/cli-run", no_keys, f"--out {bucket}/cli-run: no AWS credentials"),
+        (f"{bucket}/cli-run?region=us-east-1&colour=blue", env, "its query string is not understood"),
+    ]
+    for out, environment, message in cases:
+        for command in ("train-cam", "pipeline"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "cse_ray.cli", command, "--config", smoke, "--out", out,
+                 f"data.root={tmp_path / 'data'}"],
+                capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(ray_dir.iterdir()) and not (tmp_path / "data").exists()  # nothing started, nothing made
+
+
+def test_a_run_config_on_s3_loads_as_a_config_file(bucket):
+    """`cse-ray <stage> --config s3://.../RUN/config.yaml` repeats a remote run, as a local one does."""
+    from pathlib import Path
+
+    from cse_ray.config import load_config, save_run_config
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, ["data.root=/data/voc"])
+    saved = save_run_config(cfg, f"{bucket}/runs/config")
+    assert saved == f"{bucket}/runs/config/config.yaml"
+    assert load_config(saved, ["train_cse.lr=0.5"]) == load_config(smoke, ["data.root=/data/voc",
+                                                                            "train_cse.lr=0.5"])
+    with pytest.raises(UserError, match=f"config file {bucket}/runs/config/none.yaml: not found"):
+        load_config(f"{bucket}/runs/config/none.yaml")
+
+
+def test_evaluation_reads_predictions_and_writes_reports_on_s3(bucket, tmp_path):
+    """`cse-ray evaluate --pred s3://... --out s3://...`: the same result as the local files give."""
+    import numpy as np
+
+    from cse_ray.evaluate import evaluate, write_reports
+    from cse_ray.formats import save_cam_npz, write_label_png
+
+    rng = np.random.default_rng(0)
+    names = [f"img_{i}" for i in range(3)]
+    remote = RunLayout.at(f"{bucket}/runs/eval").infer
+    for name in names:
+        cams = (rng.integers(0, 60, (2, 20, 30)) / 100).astype(np.float32)
+        save_cam_npz(tmp_path / "pred" / f"{name}.npz", cams, [3, 7])
+        save_cam_npz(remote.cam(name), cams, [3, 7])
+        write_label_png(tmp_path / "gt" / f"{name}.png", rng.integers(0, 21, (20, 30)).astype(np.uint8))
+    local = evaluate(tmp_path / "pred", tmp_path / "gt", names)
+    result = evaluate(remote.cams_dir, tmp_path / "gt", names)
+    assert (result.miou, result.threshold) == (local.miou, local.threshold)
+    assert [r.source for r in result.per_image] == [remote.cam(n) for n in names]
+    with pytest.raises(UserError, match="1 of 4 listed images have no predictions"):
+        evaluate(remote.cams_dir, tmp_path / "gt", [*names, "img_9"])
+    with pytest.raises(UserError, match="prediction directory does not exist"):
+        evaluate(f"{bucket}/runs/eval/nothing", tmp_path / "gt", names)
+    written = write_reports(result, f"{bucket}/runs/eval/eval/cse_cam.json", log_dir=f"{bucket}/runs/eval/tb")
+    assert artifacts.read_json(written["json"]) == result.to_json_dict()
+    assert artifacts.exists(written["plot"]) and len(artifacts.list_files(f"{bucket}/runs/eval/tb")) == 1

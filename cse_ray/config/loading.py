@@ -27,11 +27,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML file (or the defaults when path is None), apply `key=value` overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        path = str(path) if artifacts.is_uri(path) else Path(path)  # RUN/config.yaml of a remote run
+        if not artifacts.exists(path) or artifacts.is_dir(path):
             raise UserError(f"config file {path}: not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(artifacts.read_bytes(path).decode("utf-8")) or {}
         except yaml.YAMLError as err:
             raise UserError(f"config file {path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):

@@ -9,7 +9,6 @@ directory listing is enough to know what a rerun can skip.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 
 from cse_ray import artifacts
@@ -70,22 +69,6 @@ def read_manifest(out: str) -> list[dict]:
     return list(Manifest(InferLayout(str(out))).rows.values())
 
 
-def _list_files(folder: str) -> set[str]:
-    """Names of the finished files in one output folder (temp files start with '.'), in one listing."""
-    if artifacts.is_uri(folder):
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(folder)
-        infos = filesystem.get_file_info(fs.FileSelector(inner, allow_not_found=True))
-        names = (info.base_name for info in infos if info.type == fs.FileType.File)
-    else:
-        try:
-            names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
-        except FileNotFoundError:
-            return set()
-    return {name for name in names if not name.startswith(".")}
-
-
 class Listing:
     """Existence of finished output files, answered from one directory listing per folder (object stores
     make one request per listing, not one per file)."""
@@ -97,5 +80,5 @@ class Listing:
     def exists(self, rel: str) -> bool:
         folder, _, filename = rel.rpartition("/")
         if folder not in self._folders:
-            self._folders[folder] = _list_files(self.layout.path(folder))
+            self._folders[folder] = artifacts.list_files(self.layout.path(folder))
         return filename in self._folders[folder]

@@ -12,8 +12,6 @@ than silently mixing two models' outputs.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +108,7 @@ def load_state(backbone: str, checkpoint: str, labels: LabelSpace) -> tuple[dict
         model = build_classifier(backbone, num_classes=labels.num_classes)
     except UserError as err:
         raise UserError(f"config key model.backbone: {err}") from None
-    local, tmp = checkpoint, None
-    if artifacts.is_uri(checkpoint):
-        fd, tmp = tempfile.mkstemp(suffix=Path(checkpoint).suffix or ".pth")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(artifacts.read_bytes(checkpoint))
-        local = tmp
-    try:
+    with artifacts.local_copy(checkpoint) as local:  # a remote checkpoint is read once
         digest = artifacts.file_sha256(local)
         try:
             load_weights(model, local)
@@ -127,9 +119,6 @@ def load_state(backbone: str, checkpoint: str, labels: LabelSpace) -> tuple[dict
                 f"config key infer.checkpoint: {checkpoint}: cannot be loaded into model.backbone={backbone} "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
             ) from None
-    finally:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, digest
 
 
@@ -191,6 +180,7 @@ def prepare(cfg: Config, layout: InferLayout, checkpoint: str | None, list_name:
         "checkpoint_sha256": digest,
         "scales": [float(s) for s in cfg.infer.scales],
         "bf16": cfg.infer.bf16,
+        **({"channels_last": True} if cfg.infer.channels_last else {}),  # older folders lack the key
         "crf": [c.iterations, c.gauss_sxy, c.gauss_compat, c.bilateral_sxy, c.bilateral_srgb,
                 c.bilateral_compat],
     }

@@ -88,7 +88,7 @@ def run_tune(cfg: Config, out: str) -> TuneSummary:
     try:
         results, statuses = _run_sweep(shared, space, layout)
     finally:
-        layout.sync_tensorboard("tune")
+        layout.sync_tensorboard("tune", final=True)
     remove_orphaned_placement_groups()
     rows = trial_rows(results, statuses, space, layout.root, cfg.train_cse.epochs)
     incomplete = [r for r in rows if r["status"] == "INCOMPLETE"]
