@@ -41,6 +41,7 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     val = load_split(cfg, root, "val_list", need_masks=True)
     infer_split = load_split(cfg, root, "infer_list")
     save_run_config(cfg, run.root)
+    _check_gpus(cfg)
 
     if not cfg.train_cse.classifier:
         train_cam(cfg, run.root)
@@ -68,6 +69,16 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     if written.missing:
         raise RuntimeError(f"pseudo-labels: {written.missing} images have no stored CAM or CRF output")
     return finish(cfg, run, root, val.names, results, val_out, source, value, len(infer_split.names))
+
+
+def _check_gpus(cfg: Config) -> None:
+    """`use_gpu: true` of any stage that will run, refused before the first training starts."""
+    from cse_ray.runtime import check_use_gpu, ensure_ray
+
+    stages = ("train_cse", "infer") if cfg.train_cse.classifier else ("train_cam", "train_cse", "infer")
+    if any(getattr(cfg, stage).use_gpu == "true" for stage in stages):
+        ensure_ray()
+        check_use_gpu({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in stages})
 
 
 def control_config(cfg: Config, classifier: str) -> Config:
@@ -126,7 +137,7 @@ def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: 
         columns["OC-CSE + CRF"] = ("label", val_out.crf_dir(best_alpha))
     write_contact_sheet(run, root, list(val_names), columns, _gt_dir(cfg, root))
     report = report_dict(results, run.root, num_pseudo, source, value)
-    run.sync_tensorboard("eval")
+    run.sync_tensorboard("eval", final=True)
     write_report(report, run)
     print(summary_table(report))
     return report

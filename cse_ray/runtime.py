@@ -40,16 +40,51 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def resolve_use_gpu(setting: str) -> bool:
-    """`auto` uses GPUs when the cluster has any; `true` insists (and fails clearly without)."""
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may add, or None when no autoscaler said.
+
+    Ray Train 2.60 asks the same private API before it places its workers; it is read here through
+    one function, so that a Ray upgrade that moves it costs one line.
+    """
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # the API moved, or the GCS has no cluster config
+        return None
+
+
+def resolve_use_gpu(setting: str, key: str = "use_gpu") -> bool:
+    """`auto` uses GPUs when the cluster has any; `true` insists (and fails clearly without).
+
+    key: the config key the setting came from, named in the error (e.g. `train_cse.use_gpu`). A
+    cluster with no GPU yet passes when its autoscaler may add GPU nodes (the cluster config says so),
+    or, under RAY_ADDRESS with an autoscaler that does not say, with a warning; a fixed cluster, the
+    local one included, is refused.
+    """
     if setting == "false":
         return False
     has = cluster_has_gpus()
-    if setting == "true" and not has:
-        from cse_ray.errors import UserError
+    if setting != "true" or has:
+        return has
+    most = autoscaler_max_resources()
+    if most and most.get("GPU", 0) > 0:
+        return True
+    if most is None and os.environ.get("RAY_ADDRESS"):
+        log.warning("config key %s: true, but the Ray cluster has no GPU yet; waiting for the autoscaler "
+                    "to add GPU nodes", key)
+        return True
+    from cse_ray.errors import UserError
 
-        raise UserError("config key use_gpu: true, but the Ray cluster has no GPU resources")
-    return has
+    raise UserError(f"config key {key}: true, but the Ray cluster has no GPU resources "
+                    "(set it to auto or false, or add GPU nodes)")
+
+
+def check_use_gpu(settings: Mapping[str, str]) -> None:
+    """Every `use_gpu: true` of a chain of stages checked at once, before the first one starts:
+    settings maps config keys (`infer.use_gpu`) to their values."""
+    for key, setting in settings.items():
+        resolve_use_gpu(setting, key)
 
 
 def local_device() -> torch.device:

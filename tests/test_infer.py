@@ -344,6 +344,26 @@ def test_manifest_reads_back_as_parquet(baseline):
             "load_s", "cam_s", "crf_s", "write_s"} <= set(table.column_names)
 
 
+def test_fractional_gpus_put_four_cam_actors_on_one_gpu(dataset):
+    from cse_ray.infer.workers import scheduling_options
+
+    root, checkpoint = dataset
+    cfg = make_cfg(root, checkpoint, infer={"gpus_per_actor": 0.25, "num_actors": 4})
+    options = scheduling_options("cam", cfg, use_gpu=True)
+    assert options["num_gpus"] == 0.25 and cfg.infer.num_actors * options["num_gpus"] == 1.0
+    assert "num_gpus" not in scheduling_options("cam", cfg, use_gpu=False)  # CPU actors ask for none
+    # benchmarks/gpu_check.py places four such actors on one GPU (tests/test_gpu_check.py, its dry run).
+
+
+def test_use_gpu_true_on_a_cluster_without_gpus_is_refused_naming_the_key(ray_session, dataset, tmp_path):
+    root, checkpoint = dataset
+    for gpus in (1.0, 0.0):  # whatever GPU share the actors would take
+        cfg = make_cfg(root, checkpoint, infer={"use_gpu": "true", "gpus_per_actor": gpus})
+        with pytest.raises(UserError, match="config key infer.use_gpu: true, but the Ray cluster has no GPU"):
+            run_infer(cfg, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "cams").exists()
+
+
 def test_a_cluster_too_small_for_actors_and_crf_is_refused(ray_session, dataset, tmp_path):
     root, checkpoint = dataset
     cfg = make_cfg(root, checkpoint, infer={"num_actors": 2, "cpus_per_actor": 1.0})

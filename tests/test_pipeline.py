@@ -141,3 +141,14 @@ def test_the_chain_runs_on_coco_with_81_categories(ray_session, tmp_path: Path) 
     for name in val:
         label = np.asarray(Image.open(out / "pseudo_labels" / f"{name}.png"))
         assert label.max() <= 80
+
+
+def test_use_gpu_true_of_a_later_stage_stops_the_chain_before_training(ray_session, tmp_path: Path) -> None:
+    """infer.use_gpu: true on a cluster without GPUs is refused before train-cam starts, not after it."""
+    from cse_ray.errors import UserError
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [*SMALL, "infer.use_gpu=true"])
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="config key infer.use_gpu: true, but the Ray cluster has no GPU"):
+        run_pipeline(cfg, str(out))
+    assert not (out / "train_cam").exists()

@@ -84,6 +84,15 @@ def test_one_and_two_workers_see_the_same_first_step(ray_session, tmp_path: Path
         assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-4, abs=1e-6), key
 
 
+def test_use_gpu_true_on_a_cluster_without_gpus_stops_before_training(ray_session, tmp_path: Path) -> None:
+    from cse_ray.errors import UserError
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="config key train_cam.use_gpu: true, but the Ray cluster has no GPU"):
+        train_cam(small_config("train_cam.use_gpu=true"), str(out))
+    assert not (out / "train_cam").exists()  # no epoch started, nothing written for the stage
+
+
 def test_bad_inputs_stop_before_ray_starts(tmp_path: Path) -> None:
     """Exit code 2 with the cause named, and no Ray session was created (its temp dir stays empty)."""
     ray_dir = tmp_path / "ray"

@@ -89,7 +89,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
     plan = prepare(cfg, layout, checkpoint, list_name, write_pseudo)
     save_run_config(cfg, layout.root)
     ensure_ray()
-    use_gpu = cfg.infer.gpus_per_actor > 0 and resolve_use_gpu(cfg.infer.use_gpu)
+    use_gpu = resolve_use_gpu(cfg.infer.use_gpu, "infer.use_gpu") and cfg.infer.gpus_per_actor > 0
     check_cluster(cfg, use_gpu)
     artifacts.write_json(layout.settings, plan.settings)
 
@@ -121,6 +121,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
         worker.options(**scheduling_options("cam", cfg, use_gpu)).remote(
             plan.backbone, plan.label_space, [state_ref], plan.scales, cfg.infer.bf16, use_gpu,
             cfg.infer.cpus_per_actor, layout, plan.root, plan.save_seed, index, kill_after,
+            cfg.infer.channels_last,
         )
         for index in range(cfg.infer.num_actors) if todo
     ]

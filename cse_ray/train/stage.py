@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, TrainCamConfig, save_run_config, to_dict, with_absolute_paths
@@ -112,6 +111,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
     cfg = with_absolute_paths(cfg)  # Ray workers run in other directories
     layout = RunLayout.at(out)
     out, paths = layout.root, layout.stage(stage)
+    artifacts.check_storage(out)  # before the classifier record or anything else is read or written
     if artifacts.exists(paths.result):
         summary = artifacts.read_json(paths.result)
         print(f"{stage}: already finished in {out} (kept epoch {summary['best_epoch']}, "
@@ -128,12 +128,11 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
 
     ensure_ray()
     if resources_per_worker is None:
-        use_gpu = resolve_use_gpu(scfg.use_gpu)
+        use_gpu = resolve_use_gpu(scfg.use_gpu, f"{stage}.use_gpu")
         resources_per_worker = {"CPU": scfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     else:
         use_gpu = resources_per_worker.get("GPU", 0) > 0
-    if artifacts.exists(paths.failed) and not artifacts.is_uri(paths.failed):
-        Path(paths.failed).unlink()
+    artifacts.remove(paths.failed)  # a diverged earlier attempt; this one starts from its last checkpoint
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
