@@ -65,11 +65,13 @@ def _normalise_per_class(summed: torch.Tensor) -> torch.Tensor:
 
 def multiscale_cam(model: nn.Module, image: np.ndarray, label: Sequence[float] | np.ndarray | torch.Tensor,
                    scales: Sequence[float] = DEFAULT_SCALES, device: torch.device | str = "cpu",
-                   amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   amp_dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Multi-scale + flip CAMs of one uint8 H x W x 3 image: (K x H x W float32 in [0, 1], K classes).
 
     The model must be in eval mode and on ``device``; ``amp_dtype`` (e.g. torch.bfloat16) runs the
-    forward passes under autocast, the accumulation stays float32.
+    forward passes under autocast, the accumulation stays float32. ``channels_last`` sends the views
+    in NHWC memory format (for a model converted with ``model.to(memory_format=torch.channels_last)``).
     """
     _check_eval(model)
     device = torch.device(device)
@@ -79,10 +81,11 @@ def multiscale_cam(model: nn.Module, image: np.ndarray, label: Sequence[float] |
         return np.zeros((0, height, width), np.float32), classes
     class_index = torch.from_numpy(classes).to(device)
     summed = torch.zeros((classes.size, height, width), dtype=torch.float32, device=device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with torch.inference_mode():
         for batch in inference_views(image, scales):
             with _autocast(device, amp_dtype):
-                cam, _ = model(batch.to(device, non_blocking=True))
+                cam, _ = model(batch.to(device, non_blocking=True, memory_format=memory_format))
             cam = cam.float().index_select(1, class_index)
             cam = F.relu(F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False))
             summed += cam[0] + cam[1].flip(-1)

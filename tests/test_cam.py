@@ -103,6 +103,21 @@ def test_bf16_autocast_stays_close_to_float32(model, image):
     assert np.abs(approx - exact).mean() < 0.05
 
 
+def test_channels_last_gives_the_same_cams(image):
+    torch.manual_seed(0)
+    contiguous = build_classifier("resnet38d_tiny").eval()
+    nhwc = build_classifier("resnet38d_tiny").eval()
+    nhwc.load_state_dict(contiguous.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    assert nhwc.conv1a.weight.is_contiguous(memory_format=torch.channels_last)
+    label = label_of(4, 9)
+    exact, classes = multiscale_cam(contiguous, image, label, (1.0, 1.5))
+    same, same_classes = multiscale_cam(nhwc, image, label, (1.0, 1.5), channels_last=True)
+    assert same_classes.tolist() == classes.tolist() == [4, 9]
+    assert_each_map_peaks_at_one(exact)
+    np.testing.assert_allclose(same, exact, atol=1e-4)
+
+
 def test_image_without_classes_and_training_mode(model, image):
     cams, classes = multiscale_cam(model, image, np.zeros(20), SCALES)
     assert cams.shape == (0, 37, 45) and classes.size == 0

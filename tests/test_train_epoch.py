@@ -53,9 +53,9 @@ class RandomImages(Dataset):
         return self.images[index], self.labels[index], index
 
 
-def context(stage: str, faults: FaultHooks = FaultHooks()) -> EpochContext:
+def context(stage: str, faults: FaultHooks = FaultHooks(), overrides: tuple[str, ...] = ()) -> EpochContext:
     cfg = load_config(None, ["data.synth.enabled=true", f"{stage}.batch_size={BATCH}",
-                             f"{stage}.log_every=1"])
+                             f"{stage}.log_every=1", *overrides])
     scfg = getattr(cfg, stage)
     torch.manual_seed(0)
     model = build_classifier("resnet38d_tiny")
@@ -77,6 +77,22 @@ def test_an_eraser_epoch_reports_its_mean_losses_and_moves_the_weights():
     assert stats["loss"] == pytest.approx(stats["loss_cls"] + 0.3 * stats["loss_erase"], rel=1e-5)
     assert stats["lr"] == ctx.optimizer.param_groups[0]["lr"] < ctx.scfg.lr  # the poly schedule moved
     assert not torch.equal(before, ctx.model.fc8.weight)
+
+
+def test_a_channels_last_epoch_takes_the_same_steps():
+    plain = context("train_cse")
+    nhwc = context("train_cse", overrides=("train_cse.channels_last=true",))
+    for model in (nhwc.model, nhwc.frozen):  # what the training setup does with the option
+        model.to(memory_format=torch.channels_last)
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    expected = run_epoch(plain, epoch=0, weight=0.3)
+    torch.manual_seed(1)
+    got = run_epoch(nhwc, epoch=0, weight=0.3)
+    assert nhwc.model.conv1a.weight.is_contiguous(memory_format=torch.channels_last)  # still NHWC
+    assert not plain.model.conv1a.weight.is_contiguous(memory_format=torch.channels_last)
+    for key in ("loss", "loss_cls", "loss_erase", "mask_mean"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert torch.allclose(nhwc.model.fc8.weight, plain.model.fc8.weight, atol=1e-5)
 
 
 def test_a_nan_loss_stops_the_epoch_at_the_next_check_naming_its_global_step():

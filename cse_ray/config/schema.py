@@ -91,6 +91,7 @@ class TrainCamConfig:
     cpus_per_worker: int = field(default=1, metadata=_range(1))
     use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
     bf16: bool = False
+    channels_last: bool = False  # NHWC tensors for the network and its inputs (faster convs on GPUs)
     loader_workers: int = field(default=0, metadata=_range(0))
     seed: int = field(default=4242, metadata=_range(0))
     log_every: int = field(default=20, metadata=_range(1))
@@ -130,6 +131,7 @@ class InferConfig:
     gpus_per_actor: float = field(default=1.0, metadata=_range(0.0))  # used when the cluster has GPUs
     max_in_flight: int = field(default=8, metadata=_range(1))
     bf16: bool = False
+    channels_last: bool = False  # NHWC tensors for the network and its inputs (faster convs on GPUs)
     threshold: float = field(default=-1.0, metadata=_range(-1.0, 1.0))  # -1 = best threshold from eval
     save_seed: bool = False  # also write the reference's .npy dicts
     overlays: int = field(default=0, metadata=_range(0))  # CAM overlay PNGs for the first N images

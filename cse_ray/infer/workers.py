@@ -43,7 +43,7 @@ class CamWorker:
 
     def __init__(self, backbone: str, labels: LabelSpace, state_ref: list, scales: Sequence[float],
                  bf16: bool, use_gpu: bool, cpus: float, layout: InferLayout, root: str, save_seed: bool,
-                 index: int, kill_after: int | None = None) -> None:
+                 index: int, kill_after: int | None = None, channels_last: bool = False) -> None:
         import ray
         import torch
 
@@ -56,6 +56,9 @@ class CamWorker:
         self.model = build_classifier(backbone, num_classes=labels.num_classes)
         self.model.load_state_dict(ray.get(state_ref[0]))
         self.model.eval().to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self.labels = labels
         self.scales = tuple(scales)
@@ -79,7 +82,8 @@ class CamWorker:
             row.update(status="error", error=str(err), load_s=time.perf_counter() - start)
             return row, None
         loaded = time.perf_counter()
-        cams, classes = multiscale_cam(self.model, image, label, self.scales, self.device, self.amp_dtype)
+        cams, classes = multiscale_cam(self.model, image, label, self.scales, self.device, self.amp_dtype,
+                                       self.channels_last)
         stored = cams.astype(np.float16)
         rounded = stored.astype(np.float32)
         computed = time.perf_counter()

@@ -67,8 +67,9 @@ def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0) -> dict:
     title = f"{ctx.stage} epoch {epoch + 1}"
     progress = progress_bar(ctx.steps_per_epoch, title) if ctx.show_progress and ctx.bar else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if scfg.bf16 else contextlib.nullcontext()
+    memory_format = torch.channels_last if scfg.channels_last else torch.contiguous_format
     for step_in_epoch, (images, labels, indices) in enumerate(ctx.loader):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast:
             if ctx.frozen is None:

@@ -37,7 +37,8 @@ def validate(model, val: Split, cfg: Config, scfg: TrainCamConfig, device, rank:
     for name in names[rank::world]:
         image = read_image(image_path(val.root, name))
         gt = read_label_png(mask_path(val.root, name, sbd), expected_hw=image.shape[:2])
-        cams, classes = multiscale_cam(model, image, val.labels[name], scfg.val_scales, device)
+        cams, classes = multiscale_cam(model, image, val.labels[name], scfg.val_scales, device,
+                                       channels_last=scfg.channels_last)
         sweep.add_cams(cams, classes, gt, name=name)
     if world > 1:  # one all-reduce of the counts (gloo reduces CPU tensors, nccl GPU ones)
         counts = torch.from_numpy(sweep.boundary_counts.copy()).to(device)
