@@ -147,6 +147,10 @@ def setup(inputs: StageInputs) -> WorkerRun:
     seed_everything(scfg.seed)  # the same initial weights on every rank
 
     model, frozen = build_networks(stage, cfg, inputs.classifier, device)
+    if scfg.channels_last:  # NHWC weights; run_epoch sends the batches in the same format
+        model.to(memory_format=torch.channels_last)
+        if frozen is not None:
+            frozen.to(memory_format=torch.channels_last)
     dataset = TrainDataset(
         inputs.train.root, inputs.train.names, inputs.train.labels, crop=scfg.crop,
         resize_long=scfg.resize_long, seed=scfg.seed,
@@ -188,11 +192,17 @@ def setup(inputs: StageInputs) -> WorkerRun:
 
 
 def begin_epoch(run: WorkerRun, epoch: int) -> None:
-    """events.log's line (rank 0), the test fault hook, and the epoch's shuffle and augmentation."""
+    """events.log's line (rank 0), the test fault hook, the epoch's shuffle and augmentation, and the
+    random stream of the dropout masks."""
     if run.rank == 0:
         artifacts.append_line(run.paths.events,
                               f"{time.strftime('%Y-%m-%dT%H:%M:%S')} epoch {epoch + 1} started")
         run.inputs.faults.crash_once(run.paths, epoch)
+    else:
+        # Every rank was seeded alike (identical initial weights), so without this all workers would
+        # draw the same dropout masks. Rank 0 keeps the stream a single worker has (and its checkpoint
+        # restores); the others draw their own, from (seed, rank, epoch), the same after a resume.
+        torch.manual_seed(int(np.random.SeedSequence([run.scfg.seed, run.rank, epoch]).generate_state(1)[0]))
     run.dataset.set_epoch(epoch)
     run.sampler.set_epoch(epoch)
 
@@ -231,7 +241,7 @@ def finish(run: WorkerRun) -> None:
     if run.rank != 0:
         return
     run.writer.close()
-    run.layout.sync_tensorboard(run.stage)
+    run.layout.sync_tensorboard(run.stage, final=True)
     state = run.state
     summary = {
         "stage": run.stage, "epochs": run.scfg.epochs, "best_epoch": state.best_epoch,
