@@ -7,6 +7,11 @@ announces `crf`, like the CPU nodes), both with `RAY_AUTH_MODE=token`; then
 `infer.cam_resources={cam: 0.01}` and `crf.resources={crf: 0.01}`. The job runs in the cluster's
 Python (the one that ran `ray start`), from the uploaded copy of the repository.
 
+The run goes to `--out s3://...` on a real S3-compatible server (moto_server, tests/conftest.py): the
+nodes get the endpoint and credentials in their environment (AWS_ENDPOINT_URL, ...) as cloud nodes
+get them from their role, the dataset is local (`data.root`), and nothing of the run may appear on the
+local disk of either node: no stage depends on the nodes sharing a file system.
+
 Isolation from anything else on this machine: every port is a free one picked here, the nodes keep
 their files in a temp dir of their own, `HOME` points at a temp dir (nothing is written to `~/.ray`),
 the token is passed in `RAY_AUTH_TOKEN`, and the nodes are stopped by signalling the two `ray start`
@@ -15,6 +20,7 @@ processes this test started; never `ray stop`, which would stop every Ray on the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -33,6 +39,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from cse_ray.layout import RunLayout
 
 pytestmark = pytest.mark.slow  # ray start processes / a multi-node Cluster
 
@@ -55,6 +63,7 @@ class LocalCluster:
     env: dict[str, str]  # what every client process needs: token mode, the token, a private HOME
     token: str
     logs: list[Path]
+    base: Path  # the nodes' temp dirs, HOME and logs
 
     def get(self, path: str, token: str | None = None) -> dict:
         request = urllib.request.Request(self.dashboard + path)
@@ -107,12 +116,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def cluster(s3_server: str) -> Iterator[LocalCluster]:
+    """Two nodes; their environment (and so every worker's) carries the S3 endpoint and credentials."""
     base = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a limit
     home = base / "home"
     home.mkdir()
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc.
+    assert env["AWS_ENDPOINT_URL"] == s3_server and env["AWS_EC2_METADATA_DISABLED"] == "true"
     env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PYTHONUNBUFFERED="1",
                RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM stops a node at once
@@ -138,7 +149,7 @@ def cluster() -> Iterator[LocalCluster]:
                 processes.append(subprocess.Popen(cmd, env=env, cwd=base, stdout=handle,
                                                   stderr=subprocess.STDOUT, start_new_session=True))
             _wait_for_line(processes[-1], log, "Ray runtime started")
-        yield LocalCluster(f"http://127.0.0.1:{dashboard}", env, token, logs)
+        yield LocalCluster(f"http://127.0.0.1:{dashboard}", env, token, logs, base)
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -184,8 +195,27 @@ def test_the_job_api_wants_the_token(cluster: LocalCluster) -> None:
     assert isinstance(cluster.get("/api/jobs/", token=cluster.token), list)
 
 
-def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node(
-    cluster: LocalCluster, tmp_path: Path
+def _bucket_files(bucket: str, prefix: str) -> list[str]:
+    """Object keys under `prefix`, without pyarrow's empty folder markers."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    found = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    return [key for key in found if not key.endswith("/")]
+
+
+def _bucket_read(bucket: str, key: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+RUN_FILES = {"report.json", "manifest.parquet", "model.pth", "result.json", "events.log", "classifier.json",
+             "infer_settings.json", "contact_sheet.png", "state.pt"}
+
+
+def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node_and_writes_only_to_s3(
+    cluster: LocalCluster, make_bucket, tmp_path: Path
 ) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while len(nodes := _alive_nodes(cluster)) < 2 and time.monotonic() < deadline:
@@ -195,24 +225,40 @@ def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node(
     assert by_role["head"]["resources_total"].get("cam") == 10
     assert by_role["second"]["resources_total"].get("crf") == 10
 
-    out = tmp_path / "run"
-    entrypoint = [sys.executable, "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--out", str(out),
-                  *OVERRIDES]
+    bucket = make_bucket("jobs").removeprefix("s3://")
+    out = f"s3://{bucket}/run"
+    data = tmp_path / "data"  # local to the nodes (both are on this machine, at the same path)
+    entrypoint = [sys.executable, "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--out", out,
+                  f"data.root={data}", *OVERRIDES]
     upload_notes = _submit(cluster, "pipeline-1", entrypoint)
 
     info = _wait_for_job(cluster, "pipeline-1")
     assert info["driver_node_id"] == by_role["head"]["node_id"]  # the entrypoint runs on the head
 
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads(_bucket_read(bucket, "run/report.json"))
     for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
-        assert 0.0 <= report[key] <= 100.0, key
-    assert report["best_alpha"] in (6.0, 10.0) and 0.0 <= report["best_threshold"] <= 1.0
+        assert isinstance(report[key], float), key
+    assert report["best_alpha"] in (6.0, 10.0) and report["run_dir"] == out
 
-    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    rows = pq.read_table(io.BytesIO(_bucket_read(bucket, "run/manifest.parquet"))).to_pylist()
     assert len(rows) == 6 and {row["status"] for row in rows} == {"ok"}
     assert {row["cam_node"] for row in rows} == {by_role["head"]["node_id"]}
     assert {row["crf_node"] for row in rows} == {by_role["second"]["node_id"]}
-    assert len(list((out / "pseudo_labels").glob("*.png"))) == 6
+    assert sorted(_bucket_files(bucket, "run/pseudo_labels/")) == sorted(
+        f"run/pseudo_labels/{row['name']}.png" for row in rows)
+    stored = set(_bucket_files(bucket, "run/"))
+    assert {"run/config.yaml", "run/train_cam/model.pth", "run/train_cse/model.pth",
+            "run/train_cse/result.json"} <= stored
+    assert any(key.startswith("run/tensorboard/train_cse/") for key in stored)
+
+    # Nothing of the run on the nodes' disks: their temp dirs, HOME, the job's working dir, the test's
+    # folder (only the dataset), and no TensorBoard staging left behind.
+    local = [path for root in (cluster.base, tmp_path) for path in root.rglob("*")
+             if path.name in RUN_FILES or path.name.startswith("events.out.tfevents")]
+    assert not local, local
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    for name in ("train_cam", "train_cse", "eval"):
+        assert not Path(RunLayout.at(out).tensorboard(name)).exists(), name
 
     # What the job ran: the uploaded copy of the repository, without the virtualenv or run folders.
     assert "Uploading package" in upload_notes
@@ -225,10 +271,10 @@ def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node(
     assert sum(p.stat().st_size for p in packages[0].rglob("*") if p.is_file()) < 20 * 1024 * 1024
 
     # Resuming is the same command with the same --out: the finished run is reported, nothing redone.
-    manifest_mtime = (out / "manifest.parquet").stat().st_mtime_ns
+    manifest = _bucket_read(bucket, "run/manifest.parquet")
     _submit(cluster, "pipeline-2", entrypoint)
     _wait_for_job(cluster, "pipeline-2")
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "pipeline-2")
     assert "already finished" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
-    assert (out / "manifest.parquet").stat().st_mtime_ns == manifest_mtime
-    assert json.loads((out / "report.json").read_text()) == report
+    assert _bucket_read(bucket, "run/manifest.parquet") == manifest
+    assert json.loads(_bucket_read(bucket, "run/report.json")) == report
