@@ -42,6 +42,7 @@ CONFIG_COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from cse_ray.config import SynthConfig
     from cse_ray.data.coco_convert import DEFAULT_CHUNK
+    from cse_ray.labels import LABEL_SPACES
 
     parser = argparse.ArgumentParser(prog="cse-ray", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--thresholds", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None,
                     help="background thresholds to sweep, stop included (default: evaluate.threshold_* "
                          "of the config defaults, 0.10 0.39 0.01)")
+    ev.add_argument("--dataset", choices=tuple(LABEL_SPACES), default="voc",
+                    help="which classes the label indices mean: voc (21 categories) or coco (81)")
     ev.add_argument("--log-dir", default=None, help="also write TensorBoard scalars here")
 
     weights = sub.add_parser("weights", help="weight files")
@@ -159,10 +162,12 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: {path}")
     elif args.command == "evaluate":
         from cse_ray.evaluate import run_evaluate
+        from cse_ray.labels import label_space
 
         run_evaluate(
             args.pred, args.gt, args.list_path, task=args.task, fmt=args.fmt, out=args.out,
             thresholds=tuple(args.thresholds) if args.thresholds else None, log_dir=args.log_dir,
+            labels=label_space(args.dataset),
         )
     elif args.command == "weights":
         from cse_ray.models.weights import convert_weights

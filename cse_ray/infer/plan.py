@@ -182,7 +182,7 @@ def prepare(cfg: Config, layout: InferLayout, checkpoint: str | None, list_name:
     names = list(dict.fromkeys(read_list(names_file)))
     if not names:
         raise UserError(f"config key data.infer_list: {names_file}: the list is empty")
-    labels = image_labels(root, names, names_file, cfg.data.sbd_root or None)
+    labels = image_labels(root, names, names_file, cfg.data.sbd_root or None, cfg.data.labels)
 
     state, digest = load_state(cfg.model.backbone, checkpoint, cfg.data.labels)
     c = cfg.crf
@@ -204,15 +204,16 @@ def prepare(cfg: Config, layout: InferLayout, checkpoint: str | None, list_name:
     )
 
 
-def image_labels(root: str, names: list[str], names_file: Path,
-                 sbd_root: str | None) -> dict[str, np.ndarray]:
+def image_labels(root: str, names: list[str], names_file: Path, sbd_root: str | None,
+                 space: LabelSpace) -> dict[str, np.ndarray]:
     """From the `cls_labels.npy` that `cse-ray data lists` wrote beside the list when it covers every
-    name (10,582 XML files are then not parsed), else from the annotations or masks."""
+    name (10,582 XML files are then not parsed), else the dataset root's labels file (which `cse-ray
+    data coco` writes: COCO has no XML), else the annotations or masks."""
     from cse_ray.data.voc import LABELS_FILE, load_labels, read_image_labels
 
     beside = Path(names_file).parent / LABELS_FILE
     if beside.is_file():
-        cached = load_labels(beside)
+        cached = load_labels(beside, space)
         if all(name in cached for name in names):
             return {name: cached[name] for name in names}
-    return read_image_labels(root, names, sbd_root=sbd_root)
+    return read_image_labels(root, names, cache_path=Path(root, LABELS_FILE), sbd_root=sbd_root, space=space)

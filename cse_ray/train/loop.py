@@ -149,7 +149,7 @@ def setup(inputs: StageInputs) -> WorkerRun:
     model, frozen = build_networks(stage, cfg, inputs.classifier, device)
     dataset = TrainDataset(
         inputs.train.root, inputs.train.names, inputs.train.labels, crop=scfg.crop,
-        resize_long=scfg.resize_long, seed=scfg.seed,
+        resize_long=scfg.resize_long, seed=scfg.seed, space=cfg.data.labels,
         jitter_strength=dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)),
     )
     sampler = DistributedSampler(
