@@ -204,9 +204,13 @@ def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node(
     assert info["driver_node_id"] == by_role["head"]["node_id"]  # the entrypoint runs on the head
 
     report = json.loads((out / "report.json").read_text())
-    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
-        assert 0.0 <= report[key] <= 100.0, key
-    assert report["best_alpha"] in (6.0, 10.0) and 0.0 <= report["best_threshold"] <= 1.0
+    for key, stem in (("ordinary_cam_miou", "ordinary_cam"), ("cse_cam_miou", "cse_cam")):
+        assert report[key] == pytest.approx(json.loads((out / "eval" / f"{stem}.json").read_text())["miou"],
+                                            abs=1e-3), key
+    assert report["best_alpha"] in (6.0, 10.0)
+    best_crf = json.loads((out / "eval" / f"cse_crf_a{report['best_alpha']:g}.json").read_text())
+    assert report["cse_crf_miou"] == pytest.approx(best_crf["miou"], abs=1e-3)
+    assert report["best_threshold"] == json.loads((out / "eval" / "cse_cam.json").read_text())["threshold"]
 
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(rows) == 6 and {row["status"] for row in rows} == {"ok"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cse_ray.labels import LABEL_SPACES, LabelSpace, label_space
+from cse_ray.metrics.thresholds import DEFAULT_THRESHOLD_RANGE
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -164,9 +165,9 @@ class CrfConfig:
 class EvalConfig:
     """Background-threshold search for CAM mIoU (the reference sweeps 0.10..0.39)."""
 
-    threshold_start: float = field(default=0.10, metadata=_range(0.0, 1.0))
-    threshold_stop: float = field(default=0.39, metadata=_range(0.0, 1.0))
-    threshold_step: float = field(default=0.01, metadata=_range(0.0, 1.0, lo_open=True))
+    threshold_start: float = field(default=DEFAULT_THRESHOLD_RANGE[0], metadata=_range(0.0, 1.0))
+    threshold_stop: float = field(default=DEFAULT_THRESHOLD_RANGE[1], metadata=_range(0.0, 1.0))
+    threshold_step: float = field(default=DEFAULT_THRESHOLD_RANGE[2], metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
