@@ -53,8 +53,9 @@ def is_list_name(value: str | Path) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", value) is not None
 
 
-PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint")
-LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list")
+PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint",
+             "rw.checkpoint")
+LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list", "rw.train_list", "rw.list")
 
 
 def with_absolute_paths(cfg: Config) -> Config:
