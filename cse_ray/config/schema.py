@@ -121,6 +121,18 @@ class TrainCseConfig(TrainCamConfig):
 
 
 @dataclass(frozen=True)
+class TrainAffConfig(TrainCamConfig):
+    """AffinityNet on the confident labels (psa's train_aff recipe); validation: pair precision/recall."""
+
+    epochs: int = field(default=8, metadata=_range(1))
+    batch_size: int = field(default=8, metadata=_range(1))
+    resize_long: tuple[int, int] = (448, 768)
+    # "pretrained": model.pretrained (psa: ImageNet); "classifier"/"eraser": this run's (or the
+    # configured) train_cam / train_cse weights, the heads fresh.
+    init: str = field(default="pretrained", metadata=_choices("pretrained", "classifier", "eraser"))
+
+
+@dataclass(frozen=True)
 class InferConfig:
     """Multi-scale CAM inference on a pool of Ray actors."""
 
@@ -224,6 +236,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
     train_cse: TrainCseConfig = field(default_factory=TrainCseConfig)
+    train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
