@@ -97,5 +97,5 @@ def test_pipeline_with_the_random_walk_reports_rw_miou(ray_session, tmp_path: Pa
         rw = Image.open(out / "rw" / f"{name}.png")
         assert rw.mode == "P"
         assert rw.size == Image.open(out / "data" / "JPEGImages" / f"{name}.jpg").size
-    sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width > Image.open(out / "data" / "JPEGImages" / f"{train[0]}.jpg").width * 6
+    # image, ground truth, ordinary CAM, OC-CSE CAM, OC-CSE + CRF, OC-CSE + RW: 128-pixel cells, 4 apart
+    assert Image.open(out / "contact_sheet.png").width == 6 * (128 + 4) + 4
