@@ -166,3 +166,10 @@ def test_confident_labels_combine_the_two_stored_crf_maps(dataset, ray_session, 
                                       confident_labels(low, high))
     again = write_confident_labels(cfg, str(tmp_path), progress=False)
     assert (again.written, again.skipped) == (0, 6)
+
+    # A high-alpha CRF map of another size than its low-alpha twin: exit 2 naming it.
+    wrong = folder / "crf" / "a32" / f"{NAMES[1]}.png"
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(wrong)
+    (folder / "confident" / f"{NAMES[1]}.png").unlink()
+    with pytest.raises(UserError, match=rf"{wrong}: CRF label map of 7x5 \(WxH\), but .*a4/{NAMES[1]}"):
+        write_confident_labels(cfg, str(tmp_path), progress=False)
