@@ -17,11 +17,8 @@ from PIL import Image
 
 from cse_ray.config import load_config
 from cse_ray.data.voc import read_list
-from cse_ray.errors import UserError
-from cse_ray.layout import InferLayout
 from cse_ray.pipeline import run_pipeline
 from cse_ray.rw import confident_labels
-from cse_ray.train.affinity import AffinityDataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -32,39 +29,6 @@ SMALL = [
 RW = ["pipeline.rw=true", "train_aff.crop=48", "train_aff.resize_long=[40,56]", "train_aff.epochs=1",
       "train_aff.freeze=none", "train_aff.init=eraser", "train_aff.momentum_mode=fixed", "train_aff.lr=0.01",
       "rw.logt=6"]
-
-
-def test_the_affinity_crop_keeps_image_and_label_together(tmp_path: Path) -> None:
-    """Flip, resize and crop move the label with the image; the padding is 255 and votes for nothing."""
-    from cse_ray.data.synth import generate
-    from cse_ray.formats import write_label_png
-
-    root = tmp_path / "voc"
-    generate(str(root), train=2, val=1, size=32, seed=0)
-    labels = InferLayout(str(tmp_path / "aff"))
-    name = read_list(root / "ImageSets/Segmentation/train.txt")[0]
-    label = np.zeros((32, 32), np.uint8)
-    label[:, 16:] = 5
-    label[:4] = 255
-    image = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg"))
-    label = label[: image.shape[0], : image.shape[1]]
-    write_label_png(labels.confident(name), label)
-    dataset = AffinityDataset(str(root), [name], labels, crop=48, resize_long=(32, 32),
-                              jitter={"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}, seed=0)
-    images, label8, index = dataset[0]
-    assert images.shape == (3, 48, 48) and label8.shape == (6, 6) and index == 0
-    # A 32-pixel image in a 48-pixel crop: at least two of the six block rows and columns are padding.
-    assert int((label8 == 255).sum()) >= 20
-    assert set(np.unique(label8.numpy())) <= {0, 5, 255} and {0, 5} <= set(np.unique(label8.numpy()))
-    np.testing.assert_array_equal(confident_labels(np.full((2, 2), 3), np.zeros((2, 2))), np.zeros((2, 2)))
-
-
-def test_train_aff_without_confident_labels_is_refused(tmp_path: Path) -> None:
-    from cse_ray.train import train_aff
-
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [*SMALL, *RW])
-    with pytest.raises(UserError, match=r"aff_labels/confident/.*\.png: no confident label .* aff-labels"):
-        train_aff(cfg, str(tmp_path))
 
 
 def test_pipeline_with_the_random_walk_reports_rw_miou(ray_session, tmp_path: Path) -> None:
