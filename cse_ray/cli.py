@@ -34,6 +34,11 @@ CONFIG_COMMANDS = {
     "train-cse": "train the eraser against the frozen classifier on Ray Train",
     "train": "train-cam, then train-cse (only train-cse when train_cse.classifier is given)",
     "infer": "multi-scale CAMs on Ray actors, dense CRF on Ray CPU tasks, pseudo-label PNGs",
+    "aff-labels": "CRF maps at rw.low_alpha and rw.high_alpha on the affinity training list, combined "
+                  "into AffinityNet's confident label PNGs (RUN/aff_labels/confident/)",
+    "train-aff": "train AffinityNet on the confident labels of aff-labels on Ray Train",
+    "rw": "random walk with AffinityNet's affinities on Ray actors: the stored CAMs of the inference "
+          "list refined into label PNGs (RUN/rw/)",
     "tune": "Ray Tune sweep over train-cse hyperparameters",
     "pipeline": "the whole chain as one run: data, train-cam, train-cse, infer, CRF, evaluate, report",
 }
@@ -183,6 +188,9 @@ STAGE_FUNCTIONS = {
     "train-cse": ("cse_ray.train", "train_cse"),
     "train": ("cse_ray.train", "train_both"),
     "infer": ("cse_ray.infer", "run_infer"),
+    "aff-labels": ("cse_ray.infer", "write_confident_labels"),
+    "train-aff": ("cse_ray.train", "train_aff"),
+    "rw": ("cse_ray.infer", "run_rw"),
     "tune": ("cse_ray.tune", "run_tune"),
     "pipeline": ("cse_ray.pipeline", "run_pipeline"),
 }

@@ -133,9 +133,10 @@ def load_state(backbone: str, checkpoint: str, labels: LabelSpace) -> tuple[dict
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, digest
 
 
-def check_settings(layout: InferLayout, settings: dict) -> None:
-    """Refuse to resume into a folder whose stored outputs were made with other settings."""
-    path = layout.settings
+def check_settings(layout: InferLayout, settings: dict, path: str | None = None) -> None:
+    """Refuse to resume into a folder whose stored outputs were made with other settings (recorded in
+    `path`, by default `infer_settings.json`)."""
+    path = path or layout.settings
     if not artifacts.exists(path):
         return
     previous = artifacts.read_json(path)
