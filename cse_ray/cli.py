@@ -34,6 +34,11 @@ CONFIG_COMMANDS = {
     "train-cse": "train the eraser against the frozen classifier on Ray Train",
     "train": "train-cam, then train-cse (only train-cse when train_cse.classifier is given)",
     "infer": "multi-scale CAMs on Ray actors, dense CRF on Ray CPU tasks, pseudo-label PNGs",
+    "aff-labels": "CRF maps at rw.low_alpha and rw.high_alpha on the affinity training list, combined "
+                  "into AffinityNet's confident label PNGs (RUN/aff_labels/confident/)",
+    "train-aff": "train AffinityNet on the confident labels of aff-labels on Ray Train",
+    "rw": "random walk with AffinityNet's affinities on Ray actors: the stored CAMs of the inference "
+          "list refined into label PNGs (RUN/rw/)",
     "tune": "Ray Tune sweep over train-cse hyperparameters",
     "pipeline": "the whole chain as one run: data, train-cam, train-cse, infer, CRF, evaluate, report",
 }
@@ -42,6 +47,7 @@ CONFIG_COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from cse_ray.config import SynthConfig
     from cse_ray.data.coco_convert import DEFAULT_CHUNK
+    from cse_ray.labels import LABEL_SPACES
 
     parser = argparse.ArgumentParser(prog="cse-ray", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--thresholds", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None,
                     help="background thresholds to sweep, stop included (default: evaluate.threshold_* "
                          "of the config defaults, 0.10 0.39 0.01)")
+    ev.add_argument("--dataset", choices=tuple(LABEL_SPACES), default="voc",
+                    help="which classes the label indices mean: voc (21 categories) or coco (81)")
     ev.add_argument("--log-dir", default=None, help="also write TensorBoard scalars here")
 
     weights = sub.add_parser("weights", help="weight files")
@@ -159,10 +167,12 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: {path}")
     elif args.command == "evaluate":
         from cse_ray.evaluate import run_evaluate
+        from cse_ray.labels import label_space
 
         run_evaluate(
             args.pred, args.gt, args.list_path, task=args.task, fmt=args.fmt, out=args.out,
             thresholds=tuple(args.thresholds) if args.thresholds else None, log_dir=args.log_dir,
+            labels=label_space(args.dataset),
         )
     elif args.command == "weights":
         from cse_ray.models.weights import convert_weights
@@ -178,6 +188,9 @@ STAGE_FUNCTIONS = {
     "train-cse": ("cse_ray.train", "train_cse"),
     "train": ("cse_ray.train", "train_both"),
     "infer": ("cse_ray.infer", "run_infer"),
+    "aff-labels": ("cse_ray.infer", "write_confident_labels"),
+    "train-aff": ("cse_ray.train", "train_aff"),
+    "rw": ("cse_ray.infer", "run_rw"),
     "tune": ("cse_ray.tune", "run_tune"),
     "pipeline": ("cse_ray.pipeline", "run_pipeline"),
 }

@@ -6,6 +6,8 @@
     RUN/cams/, crf/, pseudo_labels/  one inference run (InferLayout); RUN/ordinary/ and RUN/val/ hold more
     RUN/manifest.parquet             one row per inferred image
     RUN/control/                     the pipeline's w = 0 control (a RunLayout of its own)
+    RUN/aff_labels/                  CRF maps at psa's two alphas and confident/ labels (train_aff's input)
+    RUN/rw/, rw_manifest.parquet     the random walk's label maps beside the CAMs they refine
     RUN/eval/STEM.json|md|...        every evaluation of the pipeline
     RUN/report.json, report.md, contact_sheet.png
     RUN/tensorboard/NAME/            TensorBoard event files (see `RunLayout.tensorboard`)
@@ -65,8 +67,37 @@ class InferLayout:
     def pseudo_rel(name: str) -> str:
         return f"pseudo_labels/{name}.png"
 
+    @staticmethod
+    def confident_rel(name: str) -> str:
+        """AffinityNet's confident training label (`cse_ray.rw.confident_labels`)."""
+        return f"confident/{name}.png"
+
+    @staticmethod
+    def rw_rel(name: str) -> str:
+        """The random walk's label map of the image."""
+        return f"rw/{name}.png"
+
     def path(self, rel: str) -> str:
         return _join(self.root, rel)
+
+    def confident(self, name: str) -> str:
+        return self.path(self.confident_rel(name))
+
+    def rw(self, name: str) -> str:
+        return self.path(self.rw_rel(name))
+
+    @property
+    def rw_dir(self) -> str:
+        return _join(self.root, "rw")
+
+    @property
+    def rw_manifest(self) -> str:
+        """One row per image the random walk refined (the same columns' idea as `manifest`)."""
+        return _join(self.root, "rw_manifest.parquet")
+
+    @property
+    def rw_settings(self) -> str:
+        return _join(self.root, "rw_settings.json")
 
     def cam(self, name: str) -> str:
         return self.path(self.cam_rel(name))
@@ -204,6 +235,12 @@ class RunLayout:
     def val(self) -> InferLayout:
         """The eraser's outputs on the validation list, when it is not the inference list."""
         return InferLayout(_join(self.root, "val"))
+
+    @property
+    def aff_labels(self) -> InferLayout:
+        """The CRF maps at rw.low_alpha and rw.high_alpha on the affinity training list, and the
+        confident labels made from them (`confident/NAME.png`)."""
+        return InferLayout(_join(self.root, "aff_labels"))
 
     @property
     def control(self) -> RunLayout:

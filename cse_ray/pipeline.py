@@ -5,6 +5,7 @@
       -> train-cse: the eraser against it          [-> the w = 0 control, when pipeline.control]
       -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF on the inference
          list and val
+      [-> pipeline.rw: confident labels on the training list, train-aff, the random walk on val]
       -> evaluate every model on val -> pseudo-labels at the chosen alpha/threshold -> report
 
 Every path is `cse_ray.layout.RunLayout`'s; report.json is written last, so it marks a finished run.
@@ -62,6 +63,8 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     if set(val.names) - set(infer_split.names):  # val is another list: the eraser's outputs on it too
         val_out = run.val
         run_infer(cfg, val_out.root, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
+    if cfg.pipeline.rw:
+        random_walk_stage(cfg, run, eraser, val_out)
 
     results = evaluate_run(cfg, run, root, val.names, val_out)
     source, value = _pseudo_choice(cfg, results)
@@ -76,9 +79,23 @@ def _check_gpus(cfg: Config) -> None:
     from cse_ray.runtime import check_use_gpu, ensure_ray
 
     stages = ("train_cse", "infer") if cfg.train_cse.classifier else ("train_cam", "train_cse", "infer")
+    stages += ("train_aff", "rw") if cfg.pipeline.rw else ()
     if any(getattr(cfg, stage).use_gpu == "true" for stage in stages):
         ensure_ray()
         check_use_gpu({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in stages})
+
+def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLayout) -> None:
+    """psa's refinement of the eraser's CAMs: confident labels on the affinity training list,
+    AffinityNet on Ray Train, then the random walk of the validation images' stored CAMs."""
+    from cse_ray.infer import run_rw, write_confident_labels
+    from cse_ray.train import train_aff
+
+    write_confident_labels(cfg, run.root, checkpoint=eraser, progress=False)
+    train_aff(cfg, run.root)
+    summary = run_rw(cfg, val_out.root, checkpoint=run.stage("train_aff").model, list_name=cfg.data.val_list,
+                     progress=False)
+    if summary.failed:
+        raise RuntimeError(f"rw: {summary.failed} validation images failed: {summary.errors}")
 
 
 def control_config(cfg: Config, classifier: str) -> Config:
@@ -111,7 +128,8 @@ def evaluate_run(cfg: Config, run: RunLayout, root: str, val_names, val_out: Inf
     crf = {alpha: once(f"cse_crf_a{alpha:g}", val_out.crf_dir(alpha), "label")
            for alpha in (cfg.crf.alphas if cfg.crf.enabled else ())}
     control = once("control_cam", run.control.infer.cams_dir, "cam") if cfg.pipeline.control else None
-    return PipelineResults(ordinary_cam, cse_cam, crf, control)
+    rw = once("rw", val_out.rw_dir, "label") if cfg.pipeline.rw else None
+    return PipelineResults(ordinary_cam, cse_cam, crf, control, rw)
 
 
 def _pseudo_choice(cfg: Config, results) -> tuple[str, float]:
@@ -135,6 +153,8 @@ def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: 
     columns["OC-CSE CAM"] = ("cam", val_out.root)
     if best_alpha is not None:
         columns["OC-CSE + CRF"] = ("label", val_out.crf_dir(best_alpha))
+    if results.rw is not None:
+        columns["OC-CSE + RW"] = ("label", val_out.rw_dir)
     write_contact_sheet(run, root, list(val_names), columns, _gt_dir(cfg, root))
     report = report_dict(results, run.root, num_pseudo, source, value)
     run.sync_tensorboard("eval", final=True)

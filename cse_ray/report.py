@@ -23,6 +23,7 @@ class PipelineResults:
     cse_cam: EvalResult
     cse_crf: dict[float, EvalResult]  # alpha -> label evaluation
     control_cam: EvalResult | None = None  # the w = 0 control, when the config asks for it
+    rw: EvalResult | None = None  # the random walk's label maps, when pipeline.rw
 
     @property
     def best_alpha(self) -> float | None:
@@ -43,6 +44,8 @@ def report_dict(results: PipelineResults, out: str, num_pseudo: int, source: str
         report["control_cam_miou"] = round(results.control_cam.miou, 3)
         report["control_threshold"] = results.control_cam.threshold
         report["gain_over_control"] = round(results.cse_cam.miou - results.control_cam.miou, 3)
+    if results.rw is not None:
+        report["rw_miou"] = round(results.rw.miou, 3)
     report.update({
         "ordinary_threshold": results.ordinary_cam.threshold,
         "gain": round(results.cse_cam.miou - results.ordinary_cam.miou, 3),
@@ -69,6 +72,8 @@ def summary_table(report: dict) -> str:
         ("OC-CSE + dense CRF", "-" if crf is None else f"{crf:.2f}",
          "-" if report["best_alpha"] is None else f"alpha={report['best_alpha']:g}"),
     ]
+    if report.get("rw_miou") is not None:
+        rows.append(("OC-CSE + random walk", f"{report['rw_miou']:.2f}", "-"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  mIoU (%)  chosen on val", f"{'-' * width}  --------  -------------"]
     lines += [f"{name:{width}}  {miou:>8}  {choice}" for name, miou, choice in rows]

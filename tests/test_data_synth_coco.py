@@ -15,7 +15,8 @@ from pycocotools.coco import COCO as CocoApi
 from cse_ray.cli import main
 from cse_ray.data import coco
 from cse_ray.data.synth import make_options, render_sample
-from cse_ray.data.synth.coco import generate_coco, grow, mask_polygons, uncompressed_rle
+from cse_ray.data.synth.coco import generate_coco, mask_polygons, uncompressed_rle
+from cse_ray.data.synth.render import grow
 from cse_ray.labels import VOC
 
 TRAIN, VAL, SIZE, SEED = 20, 12, 48, 3

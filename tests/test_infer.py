@@ -7,9 +7,7 @@ bad config is refused before Ray starts.
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -135,21 +133,6 @@ def _raw(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------------- on real Ray
-@pytest.fixture(scope="module")
-def ray_session():
-    previous = os.environ.get("RAY_TMPDIR")
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = previous
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def baseline(ray_session, dataset, tmp_path_factory):
     """One run with one actor: CAMs, seed dicts, two CRF alphas, pseudo-labels from alpha 6, 2 overlays."""

@@ -236,9 +236,14 @@ def test_pipeline_job_runs_cams_on_the_head_and_crf_on_the_second_node_and_write
     assert info["driver_node_id"] == by_role["head"]["node_id"]  # the entrypoint runs on the head
 
     report = json.loads(_bucket_read(bucket, "run/report.json"))
-    for key in ("ordinary_cam_miou", "cse_cam_miou", "cse_crf_miou"):
-        assert isinstance(report[key], float), key
+    evals = {stem: json.loads(_bucket_read(bucket, f"run/eval/{stem}.json"))
+             for stem in ("ordinary_cam", "cse_cam", "cse_crf_a6", "cse_crf_a10")}
+    for key, stem in (("ordinary_cam_miou", "ordinary_cam"), ("cse_cam_miou", "cse_cam")):
+        assert report[key] == pytest.approx(evals[stem]["miou"], abs=1e-3), key
     assert report["best_alpha"] in (6.0, 10.0) and report["run_dir"] == out
+    best_crf = evals[f"cse_crf_a{report['best_alpha']:g}"]
+    assert report["cse_crf_miou"] == pytest.approx(best_crf["miou"], abs=1e-3)
+    assert report["best_threshold"] == evals["cse_cam"]["threshold"]
 
     rows = pq.read_table(io.BytesIO(_bucket_read(bucket, "run/manifest.parquet"))).to_pylist()
     assert len(rows) == 6 and {row["status"] for row in rows} == {"ok"}

@@ -143,6 +143,39 @@ def test_the_chain_runs_on_coco_with_81_categories(ray_session, tmp_path: Path) 
         assert label.max() <= 80
 
 
+def test_the_chain_runs_on_a_dataset_with_its_own_three_classes(ray_session, tmp_path: Path) -> None:
+    """Any class count: the synthetic set's 20 classes folded into 3 (k -> k % 3), its masks and
+    labels file rewritten, and `data.class_names` naming the three."""
+    from cse_ray.data.image_labels import save_labels
+    from cse_ray.data.synth import generate
+    from cse_ray.formats import read_label_png, write_label_png
+    from cse_ray.labels import custom_label_space
+
+    root = tmp_path / "three"
+    generate(root, train=16, val=6, size=48, seed=0)
+    space = custom_label_space(3)
+    labels = {}
+    for path in sorted((root / "SegmentationClass").glob("*.png")):
+        mask = read_label_png(path)
+        folded = np.where((mask > 0) & (mask < 255), (mask.astype(int) - 1) % 3 + 1, mask).astype(np.uint8)
+        write_label_png(path, folded)
+        labels[path.stem] = np.isin(np.arange(1, 4), folded).astype(np.float32)
+    save_labels(root / "cls_labels.npy", labels, space)
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        *SMALL, "data.synth.enabled=false", f"data.root={root}", "crf.alphas=[6]",
+        f"data.class_names={list(space.class_names)}"])
+    report = run_pipeline(cfg, str(tmp_path / "run"))
+
+    evaluation = json.loads((tmp_path / "run" / "eval" / "cse_cam.json").read_text())
+    assert list(evaluation["per_class"]) == ["background", "class0", "class1", "class2"]
+    assert report["cse_cam_miou"] == pytest.approx(evaluation["miou"], abs=1e-3)
+    model = torch.load(tmp_path / "run" / "train_cam" / "model.pth", weights_only=True)
+    assert model["fc8.weight"].shape[0] == 3
+    for path in (tmp_path / "run" / "pseudo_labels").glob("*.png"):
+        assert np.asarray(Image.open(path)).max() <= 3
+
+
 def test_use_gpu_true_of_a_later_stage_stops_the_chain_before_training(ray_session, tmp_path: Path) -> None:
     """infer.use_gpu: true on a cluster without GPUs is refused before train-cam starts, not after it."""
     from cse_ray.errors import UserError

@@ -23,7 +23,9 @@ from cse_ray.config.schema import (
     InferConfig,
     ModelConfig,
     PipelineConfig,
+    RwConfig,
     SynthConfig,
+    TrainAffConfig,
     TrainCamConfig,
     TrainCseConfig,
     TuneConfig,
@@ -31,7 +33,7 @@ from cse_ray.config.schema import (
 
 __all__ = [
     "LIST_KEYS", "PATH_KEYS", "Config", "CrfConfig", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
-    "PipelineConfig",
+    "PipelineConfig", "RwConfig", "TrainAffConfig",
     "SynthConfig", "TrainCamConfig", "TrainCseConfig", "TuneConfig", "dump_yaml", "from_dict", "get_dotted",
     "is_list_name", "load_config", "save_run_config", "thresholds", "to_dict", "validate",
     "with_absolute_paths", "with_overrides",

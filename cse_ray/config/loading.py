@@ -53,8 +53,9 @@ def is_list_name(value: str | Path) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", value) is not None
 
 
-PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint")
-LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list")
+PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint",
+             "rw.checkpoint")
+LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list", "rw.train_list", "rw.list")
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -226,7 +227,10 @@ def _check_range(value: Any, metadata: Any, key: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks that involve more than one key (run by `from_dict`, so by every loader)."""
-    for stage in ("train_cam", "train_cse"):
+    if cfg.train_aff.crop % 8:
+        raise UserError(f"config key train_aff.crop: {cfg.train_aff.crop} is not a multiple of 8 "
+                        "(AffinityNet's stride; psa: 448)")
+    for stage in ("train_cam", "train_cse", "train_aff"):
         t = getattr(cfg, stage)
         if t.batch_size % t.num_workers:
             raise UserError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cse_ray.labels import LABEL_SPACES, LabelSpace, label_space
+from cse_ray.metrics.thresholds import DEFAULT_THRESHOLD_RANGE
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -121,6 +122,18 @@ class TrainCseConfig(TrainCamConfig):
 
 
 @dataclass(frozen=True)
+class TrainAffConfig(TrainCamConfig):
+    """AffinityNet on the confident labels (psa's train_aff recipe); validation: pair precision/recall."""
+
+    epochs: int = field(default=8, metadata=_range(1))
+    batch_size: int = field(default=8, metadata=_range(1))
+    resize_long: tuple[int, int] = (448, 768)
+    # "pretrained": model.pretrained (psa: ImageNet); "classifier"/"eraser": this run's (or the
+    # configured) train_cam / train_cse weights, the heads fresh.
+    init: str = field(default="pretrained", metadata=_choices("pretrained", "classifier", "eraser"))
+
+
+@dataclass(frozen=True)
 class InferConfig:
     """Multi-scale CAM inference on a pool of Ray actors."""
 
@@ -166,9 +179,9 @@ class CrfConfig:
 class EvalConfig:
     """Background-threshold search for CAM mIoU (the reference sweeps 0.10..0.39)."""
 
-    threshold_start: float = field(default=0.10, metadata=_range(0.0, 1.0))
-    threshold_stop: float = field(default=0.39, metadata=_range(0.0, 1.0))
-    threshold_step: float = field(default=0.01, metadata=_range(0.0, 1.0, lo_open=True))
+    threshold_start: float = field(default=DEFAULT_THRESHOLD_RANGE[0], metadata=_range(0.0, 1.0))
+    threshold_stop: float = field(default=DEFAULT_THRESHOLD_RANGE[1], metadata=_range(0.0, 1.0))
+    threshold_step: float = field(default=DEFAULT_THRESHOLD_RANGE[2], metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -188,12 +201,35 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class RwConfig:
+    """Random-walk refinement (psa's AffinityNet): confident labels, then the walk on Ray actors."""
+
+    # The two CRFs whose maps make AffinityNet's confident labels (psa's la_crf / ha_crf).
+    low_alpha: float = field(default=4.0, metadata=_range(0.0, lo_open=True))
+    high_alpha: float = field(default=32.0, metadata=_range(0.0, lo_open=True))
+    train_list: str = ""  # images that get confident labels; empty = data.train_list
+    list: str = ""  # images the walk refines; empty = data.infer_list
+    checkpoint: str = ""  # AffinityNet weights; empty = OUT/train_aff/model.pth
+    beta: float = field(default=8.0, metadata=_range(0.0, lo_open=True))
+    logt: int = field(default=8, metadata=_range(0))  # 2^logt steps
+    bg_exponent: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
+    num_actors: int = field(default=1, metadata=_range(1))
+    cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    gpus_per_actor: float = field(default=1.0, metadata=_range(0.0))  # used when the cluster has GPUs
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
+    max_in_flight: int = field(default=4, metadata=_range(1))
+    max_restarts: int = field(default=2, metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """What `cse-ray pipeline` runs besides the method's own chain."""
 
     # Also train the eraser without the erasing loss (w = 0, same classifier, schedule and epochs) and
     # report its CAM mIoU: the gain over it is what erasing adds beyond more training.
     control: bool = False
+    # Also refine the eraser's CAMs by psa's random walk: confident labels, train-aff, rw (rw_miou).
+    rw: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,10 +238,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
     train_cse: TrainCseConfig = field(default_factory=TrainCseConfig)
+    train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    rw: RwConfig = field(default_factory=RwConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

@@ -36,12 +36,15 @@ class Manifest:
     """One row per image, keyed by name; rows of earlier runs are kept and replaced, never duplicated.
 
     order: the list's names; rows are written in that order, rows of other names after them.
+    path, schema: another table of the same kind (the random walk's `rw_manifest.parquet`).
     """
 
-    def __init__(self, layout: InferLayout, order: Sequence[str] = ()) -> None:
+    def __init__(self, layout: InferLayout, order: Sequence[str] = (), path: str | None = None,
+                 schema=None) -> None:
         import pyarrow.parquet as pq
 
-        self.path = layout.manifest
+        self.path = path or layout.manifest
+        self.schema = schema
         self.rows: dict[str, dict] = {}
         if artifacts.exists(self.path):
             table = pq.read_table(io.BytesIO(artifacts.read_bytes(self.path)))
@@ -54,7 +57,7 @@ class Manifest:
     def write(self) -> None:
         import pyarrow as pa
 
-        schema = manifest_schema()
+        schema = self.schema or manifest_schema()
         rest = len(self.position)
         ordered = sorted(
             enumerate(self.rows.values()),

@@ -122,9 +122,10 @@ def load_state(backbone: str, checkpoint: str, labels: LabelSpace) -> tuple[dict
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, digest
 
 
-def check_settings(layout: InferLayout, settings: dict) -> None:
-    """Refuse to resume into a folder whose stored outputs were made with other settings."""
-    path = layout.settings
+def check_settings(layout: InferLayout, settings: dict, path: str | None = None) -> None:
+    """Refuse to resume into a folder whose stored outputs were made with other settings (recorded in
+    `path`, by default `infer_settings.json`)."""
+    path = path or layout.settings
     if not artifacts.exists(path):
         return
     previous = artifacts.read_json(path)
@@ -171,7 +172,7 @@ def prepare(cfg: Config, layout: InferLayout, checkpoint: str | None, list_name:
     names = list(dict.fromkeys(read_list(names_file)))
     if not names:
         raise UserError(f"config key data.infer_list: {names_file}: the list is empty")
-    labels = image_labels(root, names, names_file, cfg.data.sbd_root or None)
+    labels = image_labels(root, names, names_file, cfg.data.sbd_root or None, cfg.data.labels)
 
     state, digest = load_state(cfg.model.backbone, checkpoint, cfg.data.labels)
     c = cfg.crf
@@ -194,15 +195,16 @@ def prepare(cfg: Config, layout: InferLayout, checkpoint: str | None, list_name:
     )
 
 
-def image_labels(root: str, names: list[str], names_file: Path,
-                 sbd_root: str | None) -> dict[str, np.ndarray]:
+def image_labels(root: str, names: list[str], names_file: Path, sbd_root: str | None,
+                 space: LabelSpace) -> dict[str, np.ndarray]:
     """From the `cls_labels.npy` that `cse-ray data lists` wrote beside the list when it covers every
-    name (10,582 XML files are then not parsed), else from the annotations or masks."""
+    name (10,582 XML files are then not parsed), else the dataset root's labels file (which `cse-ray
+    data coco` writes: COCO has no XML), else the annotations or masks."""
     from cse_ray.data.voc import LABELS_FILE, load_labels, read_image_labels
 
     beside = Path(names_file).parent / LABELS_FILE
     if beside.is_file():
-        cached = load_labels(beside)
+        cached = load_labels(beside, space)
         if all(name in cached for name in names):
             return {name: cached[name] for name in names}
-    return read_image_labels(root, names, sbd_root=sbd_root)
+    return read_image_labels(root, names, cache_path=Path(root, LABELS_FILE), sbd_root=sbd_root, space=space)

@@ -89,7 +89,7 @@ class CamWorker:
         computed = time.perf_counter()
 
         layout = self.layout
-        save_cam_npz(layout.cam(name), stored, classes)
+        save_cam_npz(layout.cam(name), stored, classes, self.labels)
         row["cam"] = layout.cam_rel(name)
         if self.save_seed:
             seed = cams_to_seed_dict(cams, classes)

@@ -1,8 +1,10 @@
-"""The CAM classifiers (ResNet-38d and smaller variants of the same code) and their weights.
+"""The CAM classifiers and AffinityNet (ResNet-38d and smaller variants of the same code), and weights.
 
-`build_classifier(name)` gives a module whose `forward(images)` returns `(cam, logits)`; `load_weights`
-fills it from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in width, depth
-and dilation; all have output stride 8 and the same module names, so every tool works on all of them.
+`build_classifier(name)` gives a module whose `forward(images)` returns `(cam, logits)`;
+`build_affinity_net(name)` one whose `forward(images)` returns the stride-8 affinity features.
+`load_weights` fills either from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in
+width, depth and dilation; all have output stride 8 and the same module names, so every tool works on
+all of them.
 """
 
 from __future__ import annotations
@@ -13,20 +15,36 @@ from typing import Any
 from torch import nn
 
 from cse_ray.errors import UserError
+from cse_ray.models.affinity import (
+    AFFINITY_DROPOUT,
+    AFFINITY_HEADS,
+    PAIR_RADIUS,
+    AffinityNet,
+    pair_affinities,
+    pair_offsets,
+    pair_region,
+)
 from cse_ray.models.resnet38d import FEATURE_STRIDE, FROZEN_PREFIXES, HEAD_NAME, ResNet38d
 from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights, unwrap
 
 __all__ = [
+    "AFFINITY_HEADS",
+    "AffinityNet",
     "FEATURE_STRIDE",
+    "PAIR_RADIUS",
     "VARIANTS",
     "LoadReport",
     "ResNet38d",
+    "build_affinity_net",
     "build_classifier",
     "convert_weights",
     "check_backbone",
     "count_parameters",
     "frozen_layer_names",
     "load_weights",
+    "pair_affinities",
+    "pair_offsets",
+    "pair_region",
     "param_groups",
     "read_weights",
     "unwrap",
@@ -74,6 +92,30 @@ def build_classifier(
         raise UserError(f"model '{name}': {error}") from error
 
 
+_AFFINITY_OPTIONS = ("widths", "blocks", "dropout", "dilated")
+
+
+def build_affinity_net(name: str, **options: Any) -> nn.Module:
+    """AffinityNet on the backbone `name` (a key of VARIANTS): `forward(images) -> N x C x H/8 x W/8`.
+
+    `resnet38d` has the names and shapes of psa's `resnet38_aff` checkpoints (448 feature channels);
+    the smaller variants scale the head widths with the backbone (resnet38d_small 112, tiny 56).
+    options: `dropout` (b6 and b7; psa 0.3/0.5), or `widths`/`blocks`/`dilated` overriding the variant.
+    """
+    if name not in VARIANTS:
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(VARIANTS)}")
+    unknown = sorted(set(options) - set(_AFFINITY_OPTIONS))
+    if unknown:
+        raise UserError(f"model '{name}': unknown options {unknown}; known: {', '.join(_AFFINITY_OPTIONS)}")
+    rates = tuple(float(rate) for rate in options.pop("dropout", AFFINITY_DROPOUT))
+    if len(rates) != 2 or not all(0.0 <= rate < 1.0 for rate in rates):
+        raise UserError(f"model '{name}': dropout must be two rates in [0, 1) (b6, b7), got {rates}")
+    try:
+        return AffinityNet(dropout=rates, **{**VARIANTS[name], **options})
+    except ValueError as error:
+        raise UserError(f"model '{name}': {error}") from error
+
+
 def check_backbone(name: str) -> str:
     """Refuse an unknown `model.backbone` before any work starts."""
     if name not in VARIANTS:
@@ -108,8 +150,9 @@ def param_groups(
 ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
     """(pretrained weights, pretrained biases, scratch weights, scratch biases), trainable ones only.
 
-    A parameter is scratch when its top-level module is in `scratch` (psa: fc8; OC-CSE: none, pass
-    `scratch=()`); parameters with requires_grad False (frozen layers) are left out, as in psa.
+    A parameter is scratch when its top-level module is in `scratch` (psa: fc8; AffinityNet:
+    AFFINITY_HEADS; OC-CSE: none, pass `scratch=()`); parameters with requires_grad False (frozen
+    layers) are left out, as in psa.
     """
     groups: tuple[list[nn.Parameter], ...] = ([], [], [], [])
     for name, parameter in model.named_parameters():

@@ -57,12 +57,16 @@ class PreActBlock(nn.Module):
         if not self.same_shape:
             self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_activated: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block's output; with `return_activated`, also ReLU(bn_branch2a(x)), the pre-activated
+        input that AffinityNet taps (psa's `get_x_bn_relu`) without running the BatchNorm twice."""
         activated = F.relu(self.bn_branch2a(x))
         shortcut = x if self.same_shape else self.conv_branch1(activated)
         branch = self.conv_branch2a(activated)
         branch = self.conv_branch2b1(F.relu(self.bn_branch2b1(branch)))
-        return shortcut + branch
+        return (shortcut + branch, activated) if return_activated else shortcut + branch
 
 
 class PreActBottleneck(nn.Module):
@@ -84,13 +88,15 @@ class PreActBottleneck(nn.Module):
         if not self.same_shape:
             self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_activated: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         activated = F.relu(self.bn_branch2a(x))
         shortcut = x if self.same_shape else self.conv_branch1(activated)
         branch = self.conv_branch2a(activated)
         branch = self.conv_branch2b1(self.dropout_2b1(F.relu(self.bn_branch2b1(branch))))
         branch = self.conv_branch2b2(self.dropout_2b2(F.relu(self.bn_branch2b2(branch))))
-        return shortcut + branch
+        return (shortcut + branch, activated) if return_activated else shortcut + branch
 
 
 class ResNet38d(nn.Module):

@@ -7,7 +7,8 @@ format is recognised from the file's first bytes, not its extension.
 
 Strict loading means: every model entry is in the file and every file entry has a place in the model,
 with two tolerated gaps: `num_batches_tracked` counters (absent from old torch and from MXNet files,
-and harmless) and, when the file is a backbone-only file, the `fc8` head, which then keeps its fresh
+and harmless) and, when the file is a backbone-only file, the model's head (`fc8` for the classifier,
+`f8_3`/`f8_4`/`f8_5`/`f9` for AffinityNet: the model's `head_names`), which then keeps its fresh
 initialisation, as the reference does when it starts from ImageNet. A shape mismatch is always an error.
 """
 
@@ -213,10 +214,11 @@ def load_weights(
     """Load a psa/OC-CSE `.pth` or an MXNet `.params` into `model` (on whatever device it lives).
 
     strict: every model entry must come from the file and every file entry must be used, except
-    `num_batches_tracked` counters and, unless `require_head`, the `fc8` head when the file has none
-    of it. require_head defaults to True for torch checkpoints (a trained classifier must bring its
-    head) and False for MXNet files (ImageNet backbones never have one); pass False to start a
-    classifier from a converted ImageNet `.pth`. Non-strict loads whatever matches and reports the rest.
+    `num_batches_tracked` counters and, unless `require_head`, the head (`fc8`, or AffinityNet's
+    `head_names`) when the file has none of it. require_head defaults to True for torch checkpoints
+    (a trained network must bring its head) and False for MXNet files (ImageNet backbones never have
+    one); pass False to start from a converted ImageNet `.pth`. Non-strict loads whatever matches and
+    reports the rest (e.g. AffinityNet from a classifier checkpoint: `fc8` unused, the heads fresh).
     """
     path = str(path)
     state, file_format, ignored = read_weights(path)
@@ -226,11 +228,11 @@ def load_weights(
     if strict:
         if require_head is None:
             require_head = file_format == "torch"
-        head_in_file = any(name.startswith(HEAD_NAME + ".") for name in state)
+        heads = tuple(head + "." for head in getattr(target, "head_names", (HEAD_NAME,)))
+        head_in_file = any(name.startswith(heads) for name in state)
         tolerated = [
             name for name in missing
-            if name.endswith(_COUNTER)
-            or (not require_head and not head_in_file and name.startswith(HEAD_NAME + "."))
+            if name.endswith(_COUNTER) or (not require_head and not head_in_file and name.startswith(heads))
         ]
         required_missing = [name for name in missing if name not in tolerated]
         if required_missing or unused:

@@ -4,6 +4,7 @@
     loop.py         the per-worker function: setup -> run_epoch -> validate -> rank 0's writers
     epoch.py        one epoch's steps, the NaN/inf agreement across workers, progress lines
     validate.py     the per-epoch CAM mIoU (one all-reduce) and the TensorBoard log
+    affinity.py     train_aff: AffinityNet's dataset, step and per-epoch pair validation
     checkpoints.py  what a checkpoint holds, and finding the newest one on a restart
     faults.py       test-only fault hooks (a crashing worker, a NaN loss)
 
@@ -30,6 +31,7 @@ from cse_ray.train.stage import (
     classifier_checkpoint,
     fit_stage,
     prepare_stage,
+    train_aff,
     train_both,
     train_cam,
     train_cse,
@@ -40,6 +42,6 @@ __all__ = [
     "TEST_FAULT_ENV", "TEST_NAN_ENV",
     "EpochContext", "FaultHooks", "IndexedDataset", "StageInputs", "TrainState",
     "build_networks", "classifier_checkpoint", "fit_stage", "mask_scores", "prepare_stage",
-    "resume_checkpoint", "run_epoch", "train_both", "train_cam", "train_cse",
+    "resume_checkpoint", "run_epoch", "train_aff", "train_both", "train_cam", "train_cse",
     "train_loop_per_worker", "validate", "worker_print",
 ]

@@ -50,11 +50,12 @@ def mask_scores(indices: torch.Tensor, seed: int, epoch: int, num_classes: int) 
     return torch.from_numpy(np.stack(rows)).float()
 
 
-def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0) -> dict:
+def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0, losses_fn=None) -> dict:
     """One pass over the loader; returns the epoch's mean losses over all workers, lr, images/s and
     `nonfinite_step` (the first global step whose loss was NaN or infinite on any worker, else -1).
 
-    `weight`: the erasing loss's weight this epoch (train_cse).
+    `weight`: the erasing loss's weight this epoch (train_cse). `losses_fn(model, images, labels)`:
+    another stage's named losses with a "total" (train_aff's `affinity_losses`).
     """
     from cse_ray.objective import cam_losses, cse_losses
 
@@ -72,7 +73,9 @@ def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0) -> dict:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast:
-            if ctx.frozen is None:
+            if losses_fn is not None:
+                losses = losses_fn(ctx.model, images, labels)
+            elif ctx.frozen is None:
                 losses = cam_losses(ctx.model, images, labels)
             else:
                 scores = mask_scores(indices, scfg.seed, epoch, ctx.num_classes).to(device)

@@ -153,7 +153,7 @@ def setup(inputs: StageInputs) -> WorkerRun:
             frozen.to(memory_format=torch.channels_last)
     dataset = TrainDataset(
         inputs.train.root, inputs.train.names, inputs.train.labels, crop=scfg.crop,
-        resize_long=scfg.resize_long, seed=scfg.seed,
+        resize_long=scfg.resize_long, seed=scfg.seed, space=cfg.data.labels,
         jitter_strength=dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)),
     )
     sampler = DistributedSampler(

@@ -11,11 +11,19 @@ import sys
 from dataclasses import dataclass
 
 from cse_ray import artifacts
-from cse_ray.config import Config, TrainCamConfig, save_run_config, to_dict, with_absolute_paths
+from cse_ray.config import (
+    Config,
+    TrainCamConfig,
+    save_run_config,
+    to_dict,
+    with_absolute_paths,
+    with_overrides,
+)
 from cse_ray.data.prepare import Split, load_split, resolve_data_root
 from cse_ray.errors import UserError
 from cse_ray.layout import RunLayout, StageLayout
 from cse_ray.models import check_backbone
+from cse_ray.train.affinity import check_confident_labels, init_checkpoint, train_aff_loop_per_worker
 from cse_ray.train.faults import FaultHooks
 from cse_ray.train.loop import train_loop_per_worker
 
@@ -28,6 +36,11 @@ def train_cam(cfg: Config, out: str) -> dict:
 def train_cse(cfg: Config, out: str) -> dict:
     """Train the eraser against the frozen classifier (`train_cse.classifier` or OUT/train_cam)."""
     return fit_stage("train_cse", cfg, out)
+
+
+def train_aff(cfg: Config, out: str) -> dict:
+    """Train AffinityNet on the confident labels of `cse-ray aff-labels` (RUN/aff_labels/confident)."""
+    return fit_stage("train_aff", cfg, out)
 
 
 def train_both(cfg: Config, out: str) -> dict:
@@ -59,6 +72,8 @@ class StageInputs:
 
 def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
     """All checks that can fail on bad input, before Ray starts (exit code 2 on any of them)."""
+    if stage == "train_aff" and cfg.rw.train_list:  # the images that have confident labels
+        cfg = with_overrides(cfg, {"data.train_list": cfg.rw.train_list})
     scfg: TrainCamConfig = getattr(cfg, stage)
     check_backbone(cfg.model.backbone)
     root = resolve_data_root(cfg, out)
@@ -80,6 +95,10 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
                 "(run train-cam first, or give a classifier checkpoint such as psa's od_cam.pth)"
             )
         classifier_sha256 = check_same_classifier(RunLayout.at(out).stage("train_cse"), classifier)
+    if stage == "train_aff":  # `classifier` holds the weights AffinityNet starts from
+        check_confident_labels(out, train.names)
+        classifier = init_checkpoint(cfg, out)
+        classifier_sha256 = artifacts.file_sha256(classifier) if classifier else ""
     return StageInputs(stage, to_dict(cfg), out, train, val, classifier, classifier_sha256,
                        FaultHooks.from_env(), progress_bar=sys.stderr.isatty())
 
@@ -134,7 +153,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
         use_gpu = resources_per_worker.get("GPU", 0) > 0
     artifacts.remove(paths.failed)  # a diverged earlier attempt; this one starts from its last checkpoint
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_aff_loop_per_worker if stage == "train_aff" else train_loop_per_worker,
         train_loop_config={"inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
@@ -153,8 +172,9 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
     if artifacts.exists(paths.failed):
         raise RuntimeError(artifacts.read_json(paths.failed)["message"])
     summary = artifacts.read_json(paths.result)
+    metric = "validation pair F1 (affinity)" if stage == "train_aff" else "validation CAM mIoU"
     print(
-        f"{stage}: done. kept epoch {summary['best_epoch']} ({scfg.keep}) with validation CAM mIoU "
+        f"{stage}: done. kept epoch {summary['best_epoch']} ({scfg.keep}) with {metric} "
         f"{summary['best_miou']:.2f} (threshold {summary['best_threshold']:.2f}); "
         f"model {summary['model']}; checkpoints under {summary['checkpoints']}"
     )

@@ -56,8 +56,8 @@ def choose_on_outputs(cfg: Config, layout: InferLayout, names: Sequence[str]) ->
 
     root, sbd = cfg.data.root, cfg.data.sbd_root or None
     alphas = tuple(dict.fromkeys(float(a) for a in cfg.crf.alphas)) if cfg.crf.enabled else ()
-    cam_sweep = ConfusionSweep(thresholds(cfg.evaluate))
-    crf_sweeps = {alpha: ConfusionSweep(None) for alpha in alphas}
+    cam_sweep = ConfusionSweep(thresholds(cfg.evaluate), labels=cfg.data.labels)
+    crf_sweeps = {alpha: ConfusionSweep(None, labels=cfg.data.labels) for alpha in alphas}
     for name in names:
         gt = read_label_png(mask_path(root, name, sbd))
         cams, classes = load_cams(layout.root, name)

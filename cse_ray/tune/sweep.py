@@ -29,7 +29,6 @@ are not rerun, errored ones are retried. On a finished sweep it only says so.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from typing import Any
 
@@ -164,16 +163,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _check_resources(cfg: Config) -> None:
     """A trial that can never get its resources would wait forever: refuse it on a fixed local cluster."""
-    import ray
+    from cse_ray.runtime import check_resources
 
-    total = ray.cluster_resources()
-    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
-        return
-    for key, resource in (("cpus_per_trial", "CPU"), ("gpus_per_trial", "GPU")):
-        wanted, have = getattr(cfg.tune, key), total.get(resource, 0)
-        if wanted > have + 1e-9:
-            raise UserError(f"config key tune.{key}: {wanted:g}, but the Ray cluster has {have:g} "
-                            f"{resource}s")
+    def request(key: str, resource: str):
+        wanted = getattr(cfg.tune, key)
+        return ({resource: wanted}, lambda total: f"config key tune.{key}: {wanted:g}, but the Ray cluster "
+                                                  f"has {total.get(resource, 0):g} {resource}s")
+
+    check_resources([request("cpus_per_trial", "CPU"), request("gpus_per_trial", "GPU")])
 
 
 def _max_concurrent(cfg: Config) -> int:

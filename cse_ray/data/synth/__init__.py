@@ -4,6 +4,7 @@
     options  the design options (SynthOptions, their help text and ranges)
     render   one scene, deterministically: `render_sample(seed, split, index, size, options)`
     write    the VOC folder: `generate(out, train, val, size, seed, **design_options)`, resumable
+    coco     the same scenes in the COCO 2014 layout with real COCO JSON: `generate_coco(...)`
 
 docs/SYNTHETIC.md explains the design.
 """

@@ -28,8 +28,8 @@ from cse_ray import artifacts
 from cse_ray.config import SynthConfig
 from cse_ray.data import coco
 from cse_ray.data.synth.options import SynthOptions, make_options
-from cse_ray.data.synth.render import SPLITS, SynthSample, render_sample
-from cse_ray.data.synth.write import FORMAT_VERSION, PARAMS_FILE, PARTIAL_FILE
+from cse_ray.data.synth.render import SPLITS, SynthSample, grow, render_sample
+from cse_ray.data.synth.write import FORMAT_VERSION, PARAMS_FILE, PARTIAL_FILE, check_arguments
 from cse_ray.errors import UserError
 from cse_ray.formats import encode_jpeg
 from cse_ray.labels import VOC
@@ -154,19 +154,6 @@ def _area_and_bbox(mask: np.ndarray) -> tuple[float, list[float]]:
 
 
 # ------------------------------------------------------------------------------------------ annotations
-def grow(mask: np.ndarray, steps: int) -> np.ndarray:
-    """The mask with every pixel within `steps` 4-neighbour steps of it."""
-    grown = np.asarray(mask, bool).copy()
-    for _ in range(steps):
-        step = grown.copy()
-        step[1:] |= grown[:-1]
-        step[:-1] |= grown[1:]
-        step[:, 1:] |= grown[:, :-1]
-        step[:, :-1] |= grown[:, 1:]
-        grown = step
-    return grown
-
-
 def annotations_of(sample: SynthSample, split: str, index: int, seed: int) -> list[dict]:
     """The COCO annotations of one rendered scene (none for every eighth image).
 
@@ -262,12 +249,7 @@ def generate_coco(
     masks have no ignore band). A complete folder with the same parameters is reused as it is; an
     interrupted one is written again.
     """
-    if not 0 <= int(train) <= 1_000_000 or not 0 <= int(val) <= 1_000_000 or train + val == 0:
-        raise UserError(f"synth --train {train} --val {val}: need non-negative counts, not both zero")
-    if int(seed) < 0:
-        raise UserError(f"synth --seed {seed}: must be >= 0")
-    if not 32 <= int(size) <= 2048:
-        raise UserError(f"synth --size {size}: must lie in 32..2048")
+    check_arguments(train, val, size, seed)
     if design_options.get("ignore_width", 0) != 0:
         raise UserError("synth --layout coco: ignore_width must be 0 (COCO masks have no ignore band)")
     options = make_options(**{**design_options, "ignore_width": 0})

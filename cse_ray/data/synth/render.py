@@ -87,9 +87,9 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, period: float) -> np.nd
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
-    """4-neighbour dilation, `steps` times (numpy only)."""
-    grown = mask.copy()
+def grow(mask: np.ndarray, steps: int) -> np.ndarray:
+    """The mask with every pixel within `steps` 4-neighbour steps of it (numpy only)."""
+    grown = np.asarray(mask, bool).copy()
     for _ in range(steps):
         step = grown.copy()
         step[1:] |= grown[:-1]
@@ -111,7 +111,7 @@ def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
     edge[:-1] |= diff_v
     edge[:, 1:] |= diff_h
     edge[:, :-1] |= diff_h
-    return _grow(edge, width - 1)
+    return grow(edge, width - 1)
 
 
 @dataclass

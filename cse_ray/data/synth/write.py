@@ -135,6 +135,16 @@ def _prepare_folder(root: Path, params: dict, overwrite: bool) -> bool | None:
 _DEFAULTS = SynthConfig()
 
 
+def check_arguments(train: int, val: int, size: int, seed: int) -> None:
+    """The counts, size and seed of a synthetic set (either layout), refused with the flag named."""
+    if not 0 <= int(train) <= 1_000_000 or not 0 <= int(val) <= 1_000_000 or train + val == 0:
+        raise UserError(f"synth --train {train} --val {val}: need non-negative counts, not both zero")
+    if int(seed) < 0:
+        raise UserError(f"synth --seed {seed}: must be >= 0")
+    if not 32 <= int(size) <= 2048:
+        raise UserError(f"synth --size {size}: must lie in 32..2048")
+
+
 def generate(
     out: str | os.PathLike,
     train: int = _DEFAULTS.train,
@@ -150,12 +160,7 @@ def generate(
     with the same parameters is left untouched (`"reused": True`). An interrupted run with the same
     parameters resumes. A folder holding anything else is refused unless `overwrite`.
     """
-    if not 0 <= int(train) <= 1_000_000 or not 0 <= int(val) <= 1_000_000 or train + val == 0:
-        raise UserError(f"synth --train {train} --val {val}: need non-negative counts, not both zero")
-    if int(seed) < 0:
-        raise UserError(f"synth --seed {seed}: must be >= 0")
-    if not 32 <= int(size) <= 2048:
-        raise UserError(f"synth --size {size}: must lie in 32..2048")
+    check_arguments(train, val, size, seed)
     options = make_options(**design_options)
     root = Path(out)
     params = _params(int(train), int(val), int(size), int(seed), options)

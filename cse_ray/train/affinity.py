@@ -1,0 +1,244 @@
+"""`cse-ray train-aff`: AffinityNet on Ray Train, from the confident labels of `cse-ray aff-labels`.
+
+The same driver (`stage.fit_stage`), checkpoints, resume, fault hooks, TensorBoard and rank-0 writers
+as the CAM stages; what differs lives here: the dataset (an image crop and its confident label crop,
+augmented together: long-side resize, flip, colour jitter on the image, crop with 255 padding for the
+label, then psa's stride-8 labels), the step (`pair_affinities` -> `pair_labels` -> `affinity_loss`,
+psa's bg/4 + fg/4 + neg/2) and the per-epoch validation: how well the affinities say "same region"
+on the pairs of the validation images' ground truth (precision, recall and their F1 in percent at
+affinity 0.5; one all-reduce). The F1 stands in the stage's `val_miou` / `best_miou` fields, so the
+kept-epoch rule and result.json read as for the other stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cse_ray import artifacts
+from cse_ray.config import Config, from_dict
+from cse_ray.data.prepare import Split
+from cse_ray.errors import UserError
+from cse_ray.layout import InferLayout, RunLayout
+from cse_ray.train.checkpoints import (
+    TrainState,
+    load_checkpoint,
+    report_checkpoint,
+    report_without_checkpoint,
+    resume_checkpoint,
+    write_torch,
+)
+from cse_ray.train.epoch import EpochContext, run_epoch, worker_print
+from cse_ray.train.loop import WorkerRun, begin_epoch, finish, seed_everything, stop_diverged
+from cse_ray.train.validate import open_writer
+
+SAME_REGION = 0.5  # an affinity above this says "same region" in the validation counts
+
+
+def init_checkpoint(cfg: Config, out: str) -> str:
+    """The weights AffinityNet starts from (`train_aff.init`); empty: random (no `model.pretrained`)."""
+    run = RunLayout.at(out)
+    init = cfg.train_aff.init
+    if init == "pretrained":
+        return cfg.model.pretrained
+    path = (cfg.train_cse.classifier or run.stage("train_cam").model if init == "classifier"
+            else cfg.infer.checkpoint or run.stage("train_cse").model)
+    if not artifacts.exists(path):
+        raise UserError(f"config key train_aff.init: {init}, but {path} does not exist (train it first)")
+    return path
+
+
+def check_confident_labels(out: str, names: Sequence[str]) -> None:
+    """Every training image needs its confident label (`cse-ray aff-labels` writes them)."""
+    from cse_ray.infer.manifest import Listing
+
+    folder = RunLayout.at(out).aff_labels
+    listing = Listing(folder)
+    missing = [name for name in names if not listing.exists(folder.confident_rel(name))]
+    if missing:
+        raise UserError(f"{folder.confident(missing[0])}: no confident label ({len(missing)} of {len(names)} "
+                        "training images lack one); run cse-ray aff-labels with the same --out first")
+
+
+class AffinityDataset(Dataset):
+    """(image 3 x crop x crop, stride-8 confident label, index); item i of epoch e from rng (seed, e, i)."""
+
+    def __init__(self, root: str, names: Sequence[str], labels: InferLayout, crop: int,
+                 resize_long: tuple[int, int], jitter: dict[str, float], seed: int) -> None:
+        self.root, self.names, self.labels = root, list(names), labels
+        self.crop, self.resize_long, self.jitter, self.seed = crop, resize_long, jitter, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int):
+        from cse_ray.affinity_loss import downsample_labels
+        from cse_ray.data import transforms as t
+        from cse_ray.data.voc import image_path
+        from cse_ray.formats import read_image, read_label_png
+
+        name = self.names[index]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        image = read_image(image_path(self.root, name))
+        label = read_label_png(self.labels.confident(name), expected_hw=image.shape[:2],
+                               what="confident label")
+        long_side = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+        image = t.resize_long_side(image, long_side, t.BICUBIC)
+        label = t.resize_long_side(label, long_side, t.NEAREST)
+        if rng.random() < 0.5:
+            image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+        image = t.color_jitter(image, rng, **self.jitter)
+        # One crop for image, label and a validity channel: the padding is 0 in all three, so the
+        # label is 255 there and its pixels vote for nothing in `downsample_labels`.
+        stacked = np.concatenate([t.normalize(image), label[..., None].astype(np.float32),
+                                  np.ones((*label.shape, 1), np.float32)], axis=2)
+        crop = t.random_crop_pad(stacked, rng, self.crop)
+        valid = crop[..., 4] > 0.5
+        label = np.where(valid, crop[..., 3], 255).astype(np.uint8)
+        return (torch.from_numpy(t.to_chw(crop[..., :3])), downsample_labels(label, valid=valid), index)
+
+
+def affinity_losses(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step's losses: psa's bg/fg/neg on the pairs of the stride-8 labels."""
+    from cse_ray.affinity_loss import affinity_loss, pair_labels
+    from cse_ray.models import pair_affinities
+
+    affinities = pair_affinities(model(images))
+    losses = affinity_loss(affinities.float(), *pair_labels(labels))
+    return {"total": losses["total"], "loss_bg": losses["bg"], "loss_fg": losses["fg"],
+            "loss_neg": losses["neg"]}
+
+
+def validate_pairs(model, val: Split, cfg: Config, device, rank: int, world: int) -> dict:
+    """Precision / recall / F1 (percent) of "affinity > 0.5" for "same ground-truth region" on val."""
+    import torch.distributed as dist
+
+    from cse_ray.affinity_loss import downsample_labels, pair_labels
+    from cse_ray.data.transforms import normalize, to_chw
+    from cse_ray.data.voc import image_path, mask_path
+    from cse_ray.formats import read_image, read_label_png
+    from cse_ray.models import pair_affinities
+    from cse_ray.rw import pad_to_stride
+
+    scfg = cfg.train_aff
+    names = val.names[: scfg.val_images] if scfg.val_images else val.names
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # true positives, predicted, actual
+    sbd = cfg.data.sbd_root or None
+    with torch.no_grad():
+        for name in names[rank::world]:
+            image = read_image(image_path(val.root, name))
+            gt = read_label_png(mask_path(val.root, name, sbd), expected_hw=image.shape[:2])
+            batch = pad_to_stride(torch.from_numpy(to_chw(normalize(image)))[None]).to(device)
+            same = pair_affinities(model(batch))[0] > SAME_REGION
+            bg, fg, neg = pair_labels(downsample_labels(gt))
+            actual = (bg | fg).to(device)
+            known = actual | neg.to(device)
+            counts += torch.stack([(same & actual).sum(), (same & known).sum(), actual.sum()]).double()
+    if world > 1:
+        dist.all_reduce(counts)
+    hits, predicted, actual = counts.tolist()
+    precision = 100.0 * hits / predicted if predicted else 0.0
+    recall = 100.0 * hits / actual if actual else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def setup(inputs) -> WorkerRun:
+    """AffinityNet (initialised, psa's layers frozen), the data, psa's lr groups, and a resume."""
+    import ray.train
+    import ray.train.torch
+
+    from cse_ray.models import AFFINITY_HEADS, build_affinity_net, load_weights
+    from cse_ray.objective import freeze_eraser_layers
+    from cse_ray.optim import build_optimizer
+
+    cfg = from_dict(inputs.config)
+    scfg = cfg.train_aff
+    layout = RunLayout.at(inputs.out)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, scfg.cpus_per_worker))
+    seed_everything(scfg.seed)
+    model = build_affinity_net(cfg.model.backbone, dropout=scfg.dropout)
+    if inputs.classifier:
+        load_weights(model, inputs.classifier, strict=False)  # the affinity heads start fresh
+    if scfg.freeze == "reference":
+        freeze_eraser_layers(model)
+    model.to(device)
+    if scfg.channels_last:  # NHWC weights; run_epoch sends the batches in the same format
+        model.to(memory_format=torch.channels_last)
+    dataset = AffinityDataset(
+        inputs.train.root, inputs.train.names, layout.aff_labels, scfg.crop, scfg.resize_long,
+        dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)), scfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=scfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=scfg.loader_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(dataset) // scfg.batch_size
+    optimizer = build_optimizer(model, lr=scfg.lr, weight_decay=scfg.weight_decay,
+                                max_step=steps_per_epoch * scfg.epochs, mode=scfg.momentum_mode,
+                                scratch=AFFINITY_HEADS)
+    paths = layout.stage(inputs.stage)
+    state = TrainState()
+    checkpoint = resume_checkpoint(paths, inputs.stage)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+    trained = ray.train.torch.prepare_model(model) if world > 1 else model
+    ctx = EpochContext(inputs.stage, trained, None, loader, optimizer, device, scfg, 0, steps_per_epoch,
+                       show_progress=rank == 0, bar=inputs.progress_bar, faults=inputs.faults)
+    meta = {"stage": inputs.stage, "backbone": cfg.model.backbone, "init": inputs.classifier,
+            "init_sha256": inputs.classifier_sha256, "config": inputs.config}
+    writer = open_writer(layout, inputs.stage) if rank == 0 else None
+    if rank == 0 and state.epoch:
+        worker_print(f"train_aff: resuming after epoch {state.epoch} of {scfg.epochs}")
+    return WorkerRun(inputs, cfg, scfg, layout, paths, rank, world, model, ctx, dataset, sampler, state,
+                     meta, writer)
+
+
+def train_aff_loop_per_worker(loop_config: dict) -> None:
+    """Set up, then for each epoch: the affinity loss -> pair validation -> rank 0's writers."""
+    from cse_ray.objective import set_train_mode
+
+    run = setup(loop_config["inputs"])
+    for epoch in range(run.state.epoch, run.scfg.epochs):
+        begin_epoch(run, epoch)
+        set_train_mode(run.ctx.model)
+        stats = run_epoch(run.ctx, epoch, losses_fn=affinity_losses)
+        if stats["nonfinite_step"] >= 0:
+            stop_diverged(run, epoch, stats["nonfinite_step"])
+            return
+        run.model.eval()
+        val = validate_pairs(run.model, run.inputs.val, run.cfg, run.ctx.device, run.rank, run.world)
+        record = {"epoch": epoch + 1, **stats, "val_precision": val["precision"], "val_recall": val["recall"],
+                  "val_miou": val["f1"], "val_threshold": SAME_REGION}
+        kept = run.state.add_epoch(record, run.scfg.keep)
+        end_epoch(run, record, kept)
+    finish(run)
+
+
+def end_epoch(run: WorkerRun, record: dict, kept: bool) -> None:
+    """Every rank reports; rank 0 prints, logs the scalars, writes model.pth and the checkpoint."""
+    state = run.state
+    metrics = {**record, "best_miou": state.best_miou, "best_epoch": state.best_epoch}
+    if run.rank != 0:
+        report_without_checkpoint(metrics, state.epoch)
+        return
+    worker_print(f"train_aff: epoch {state.epoch}/{run.scfg.epochs} loss {record['loss']:.4f} val pairs "
+                 f"precision {record['val_precision']:.1f} recall {record['val_recall']:.1f} "
+                 f"({record['images_per_s']:.1f} img/s)")
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
+            run.writer.add_scalar(key, value, record["epoch"])
+    run.writer.flush()
+    run.layout.sync_tensorboard(run.stage)
+    if kept:
+        write_torch(run.paths.model, run.model.state_dict())
+    report_checkpoint(run.paths, metrics, run.model, run.ctx.optimizer, state, run.meta)
