@@ -84,6 +84,7 @@ def _check_gpus(cfg: Config) -> None:
         ensure_ray()
         check_use_gpu({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in stages})
 
+
 def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLayout) -> None:
     """psa's refinement of the eraser's CAMs: confident labels on the affinity training list,
     AffinityNet on Ray Train, then the random walk of the validation images' stored CAMs."""
