@@ -38,7 +38,7 @@ def test_train_cam_is_psas_train_cls(voc12, tmp_path):
                                 "b7.dropout_2b2": 0.5, "head_dropout": 0.5}
     # fc8 is Xavier-uniform: bounded by sqrt(6 / (fan_in + fan_out))
     fan_out, fan_in = model.fc8.weight.shape[:2]
-    assert float(model.fc8.weight.abs().max()) <= (6.0 / (fan_in + fan_out)) ** 0.5
+    assert float(model.fc8.weight.detach().abs().max()) <= (6.0 / (fan_in + fan_out)) ** 0.5
     groups = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, max_step=100,
                              mode=t.momentum_mode, scratch=CLASSIFIER_SCRATCH).param_groups
     by_name = {g["name"]: g for g in groups}
