@@ -8,6 +8,8 @@
     RUN/control/                     the pipeline's w = 0 control (a RunLayout of its own)
     RUN/aff_labels/                  CRF maps at psa's two alphas and confident/ labels (train_aff's input)
     RUN/rw/, rw_manifest.parquet     the random walk's label maps beside the CAMs they refine
+    RUN/train_seg/                   the segmentation network (a StageLayout: model.pth, checkpoints)
+    RUN/seg/                         its predictions on the validation list (PredictLayout)
     RUN/eval/STEM.json|md|...        every evaluation of the pipeline
     RUN/report.json, report.md, contact_sheet.png
     RUN/tensorboard/NAME/            TensorBoard event files (see `RunLayout.tensorboard`)
@@ -133,6 +135,31 @@ class InferLayout:
 
 
 @dataclass(frozen=True)
+class PredictLayout:
+    """The folder `cse-ray predict --out DIR` writes: `DIR/NAME.png` for every image, and its records."""
+
+    root: str
+
+    @staticmethod
+    def label_rel(name: str) -> str:
+        return f"{name}.png"
+
+    def label(self, name: str) -> str:
+        """The palette PNG of the image's predicted classes, of the image's size."""
+        return _join(self.root, self.label_rel(name))
+
+    @property
+    def manifest(self) -> str:
+        """One row per image (status, error, timings), as inference's manifest."""
+        return _join(self.root, "predict_manifest.parquet")
+
+    @property
+    def settings(self) -> str:
+        """Checkpoint digest and test-time settings; a resumed folder must match them."""
+        return _join(self.root, "predict_settings.json")
+
+
+@dataclass(frozen=True)
 class StageLayout:
     """One training stage's folder: RUN/<stage>/."""
 
@@ -241,6 +268,11 @@ class RunLayout:
         """The CRF maps at rw.low_alpha and rw.high_alpha on the affinity training list, and the
         confident labels made from them (`confident/NAME.png`)."""
         return InferLayout(_join(self.root, "aff_labels"))
+
+    @property
+    def seg(self) -> PredictLayout:
+        """The segmentation network's predictions on the validation list (`seg_miou`)."""
+        return PredictLayout(_join(self.root, "seg"))
 
     @property
     def control(self) -> RunLayout:

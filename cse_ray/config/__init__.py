@@ -23,18 +23,20 @@ from cse_ray.config.schema import (
     InferConfig,
     ModelConfig,
     PipelineConfig,
+    PredictConfig,
     RwConfig,
     SynthConfig,
     TrainAffConfig,
     TrainCamConfig,
     TrainCseConfig,
+    TrainSegConfig,
     TuneConfig,
 )
 
 __all__ = [
-    "LIST_KEYS", "PATH_KEYS", "Config", "CrfConfig", "DataConfig", "EvalConfig", "InferConfig", "ModelConfig",
-    "PipelineConfig", "RwConfig", "TrainAffConfig",
-    "SynthConfig", "TrainCamConfig", "TrainCseConfig", "TuneConfig", "dump_yaml", "from_dict", "get_dotted",
-    "is_list_name", "load_config", "save_run_config", "thresholds", "to_dict", "validate",
+    "Config", "CrfConfig", "DataConfig", "EvalConfig", "InferConfig", "LIST_KEYS", "ModelConfig",
+    "PATH_KEYS", "PipelineConfig", "PredictConfig", "RwConfig", "SynthConfig", "TrainAffConfig",
+    "TrainCamConfig", "TrainCseConfig", "TrainSegConfig", "TuneConfig", "dump_yaml", "from_dict",
+    "get_dotted", "is_list_name", "load_config", "save_run_config", "thresholds", "to_dict", "validate",
     "with_absolute_paths", "with_overrides",
 ]

@@ -54,8 +54,9 @@ def is_list_name(value: str | Path) -> bool:
 
 
 PATH_KEYS = ("data.root", "data.sbd_root", "model.pretrained", "train_cse.classifier", "infer.checkpoint",
-             "rw.checkpoint")
-LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list", "rw.train_list", "rw.list")
+             "rw.checkpoint", "train_seg.labels_dir")
+LIST_KEYS = ("data.train_list", "data.val_list", "data.infer_list", "rw.train_list", "rw.list",
+             "train_seg.train_list")
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -230,7 +231,13 @@ def validate(cfg: Config) -> Config:
     if cfg.train_aff.crop % 8:
         raise UserError(f"config key train_aff.crop: {cfg.train_aff.crop} is not a multiple of 8 "
                         "(AffinityNet's stride; psa: 448)")
-    for stage in ("train_cam", "train_cse", "train_aff"):
+    if min(cfg.train_seg.aspp_rates, default=0) < 1:
+        raise UserError(f"config key train_seg.aspp_rates: need one or more dilations >= 1, got "
+                        f"{list(cfg.train_seg.aspp_rates)}")
+    if not cfg.predict.scales or min(cfg.predict.scales) <= 0:
+        raise UserError(f"config key predict.scales: need one or more scales > 0, "
+                        f"got {list(cfg.predict.scales)}")
+    for stage in ("train_cam", "train_cse", "train_aff", "train_seg"):
         t = getattr(cfg, stage)
         if t.batch_size % t.num_workers:
             raise UserError(

@@ -134,6 +134,49 @@ class TrainAffConfig(TrainCamConfig):
 
 
 @dataclass(frozen=True)
+class TrainSegConfig(TrainCamConfig):
+    """The segmentation network on pseudo-labels (DeepLab-v2's recipe: poly lr with real momentum,
+    the head's x10 / x20 groups, random scale + flip + crop, cross-entropy with 255 ignored)."""
+
+    network: str = "resnet38d"  # cse_ray.models.SEG_VARIANTS: resnet38d (+ CPU variants), resnet101
+    aspp_rates: tuple[int, ...] = (6, 12, 18, 24)  # DeepLab-v2's dilations
+    # Which pseudo-labels it learns from: "rw" = the random walk's maps of the training images
+    # (RUN/rw/), "pseudo" = the pipeline's pseudo_labels/ (CRF or CAM threshold); labels_dir overrides.
+    labels: str = field(default="rw", metadata=_choices("rw", "pseudo"))
+    labels_dir: str = ""  # a folder of NAME.png label maps (palette or index PNGs, 255 = ignore)
+    train_list: str = ""  # images it trains on; empty = data.infer_list (the images with pseudo-labels)
+    # "pretrained": model.pretrained (ImageNet); "classifier"/"eraser": this run's train_cam /
+    # train_cse backbone (ResNet-38d networks only), the head fresh.
+    init: str = field(default="pretrained", metadata=_choices("pretrained", "classifier", "eraser"))
+    epochs: int = field(default=20, metadata=_range(1))  # ~21k iterations of batch 10 on train_aug
+    batch_size: int = field(default=10, metadata=_range(1))
+    lr: float = field(default=2.5e-4, metadata=_range(0.0))
+    momentum_mode: str = field(default="fixed", metadata=_choices("faithful", "fixed"))
+    crop: int = field(default=321, metadata=_range(16))
+    resize_long: tuple[int, int] = (250, 750)  # DeepLab's random scale 0.5-1.5 of VOC's 500 px
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    dropout: tuple[float, float] = (0.0, 0.0)
+    head_dropout: float = field(default=0.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`cse-ray predict` (and the pipeline's seg_miou): the segmentation network on Ray actors."""
+
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)  # multi-scale test, scores averaged
+    flip: bool = True  # each scale also flipped
+    crf: bool = False  # dense CRF (crf.* pairwise settings) on the averaged probabilities, Ray CPU tasks
+    num_actors: int = field(default=1, metadata=_range(1))
+    cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    gpus_per_actor: float = field(default=1.0, metadata=_range(0.0))  # used when the cluster has GPUs
+    use_gpu: str = field(default="auto", metadata=_choices("auto", "true", "false"))
+    bf16: bool = False
+    channels_last: bool = False
+    max_in_flight: int = field(default=8, metadata=_range(1))
+    max_restarts: int = field(default=2, metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class InferConfig:
     """Multi-scale CAM inference on a pool of Ray actors."""
 
@@ -230,6 +273,8 @@ class PipelineConfig:
     control: bool = False
     # Also refine the eraser's CAMs by psa's random walk: confident labels, train-aff, rw (rw_miou).
     rw: bool = False
+    # Also train the segmentation network on the pseudo-labels and predict the validation list (seg_miou).
+    seg: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,11 +284,13 @@ class Config:
     train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
     train_cse: TrainCseConfig = field(default_factory=TrainCseConfig)
     train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)
+    train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     rw: RwConfig = field(default_factory=RwConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

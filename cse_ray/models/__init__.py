@@ -1,7 +1,8 @@
-"""The CAM classifiers and AffinityNet (ResNet-38d and smaller variants of the same code), and weights.
+"""The CAM classifiers, AffinityNet and the segmentation networks, and their weights.
 
 `build_classifier(name)` gives a module whose `forward(images)` returns `(cam, logits)`;
-`build_affinity_net(name)` one whose `forward(images)` returns the stride-8 affinity features.
+`build_affinity_net(name)` one whose `forward(images)` returns the stride-8 affinity features;
+`build_segmenter(name, num_classes)` one whose `forward(images)` returns stride-8 class scores.
 `load_weights` fills either from a psa/OC-CSE `.pth` or an MXNet `.params`. The variants differ only in
 width, depth and dilation; all have output stride 8 and the same module names, so every tool works on
 all of them.
@@ -25,10 +26,14 @@ from cse_ray.models.affinity import (
     pair_region,
 )
 from cse_ray.models.resnet38d import FEATURE_STRIDE, FROZEN_PREFIXES, HEAD_NAME, ResNet38d
+from cse_ray.models.segmentation import ASPP_RATES, SEG_HEAD, SegResNet38d, SegResNet101
 from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights, unwrap
 
 __all__ = [
     "AFFINITY_HEADS",
+    "ASPP_RATES",
+    "SEG_HEAD",
+    "SEG_VARIANTS",
     "AffinityNet",
     "FEATURE_STRIDE",
     "PAIR_RADIUS",
@@ -37,8 +42,10 @@ __all__ = [
     "ResNet38d",
     "build_affinity_net",
     "build_classifier",
+    "build_segmenter",
     "convert_weights",
     "check_backbone",
+    "check_segmenter",
     "count_parameters",
     "frozen_layer_names",
     "load_weights",
@@ -114,6 +121,44 @@ def build_affinity_net(name: str, **options: Any) -> nn.Module:
         return AffinityNet(dropout=rates, **{**VARIANTS[name], **options})
     except ValueError as error:
         raise UserError(f"model '{name}': {error}") from error
+
+
+# Segmentation networks: every classifier backbone with DeepLab's ASPP head, and DeepLab-v2's ResNet-101.
+SEG_VARIANTS: dict[str, dict[str, Any]] = {
+    **{name: {"family": "resnet38d", **variant} for name, variant in VARIANTS.items()},
+    # DeepLab-v2: the names and shapes of torchvision's resnet101 (its 42.5 M backbone parameters).
+    "resnet101": {"family": "resnet101", "stem": 64, "widths": (64, 128, 256, 512), "blocks": (3, 4, 23, 3)},
+    # An eighth of the width, one block per layer: for tests on CPU.
+    "resnet101_tiny": {"family": "resnet101", "stem": 8, "widths": (8, 16, 32, 64), "blocks": (1, 1, 1, 1)},
+}
+
+
+def build_segmenter(
+    name: str, num_classes: int = VOC_CLASSES, rates: Sequence[int] = ASPP_RATES
+) -> nn.Module:
+    """A segmentation network: `forward(images) -> N x (num_classes + 1) x H/8 x W/8` scores.
+
+    name: a classifier backbone (`resnet38d`, its CPU variants: ResNet-38d + ASPP) or `resnet101`
+    (DeepLab-v2; `resnet101_tiny` for CPU). num_classes: foreground classes (20 for VOC), the
+    background is channel 0. rates: the ASPP dilations (DeepLab-v2: 6, 12, 18, 24).
+    """
+    check_segmenter(name)
+    options = dict(SEG_VARIANTS[name])
+    family = options.pop("family")
+    try:
+        if family == "resnet101":
+            return SegResNet101(int(num_classes), rates=tuple(rates), **options)
+        return SegResNet38d(int(num_classes), rates=tuple(rates), **options)
+    except ValueError as error:
+        raise UserError(f"model '{name}': {error}") from error
+
+
+def check_segmenter(name: str, key: str = "train_seg.network") -> str:
+    """Refuse an unknown segmentation network before any work starts."""
+    if name not in SEG_VARIANTS:
+        raise UserError(f"config key {key}: unknown segmentation network '{name}'; known: "
+                        f"{', '.join(SEG_VARIANTS)}")
+    return name
 
 
 def check_backbone(name: str) -> str:
