@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),  # networks know nothing of datasets
     ("data",),
     # the method: losses, optimiser, CAMs, CRF, pictures
-    ("objective", "optim", "cam", "crf", "plots", "rw", "affinity_loss"),
+    ("objective", "optim", "cam", "crf", "plots", "rw", "affinity_loss", "segment"),
     ("evaluate",),
     # stages on Ray
     ("train", "infer"),
