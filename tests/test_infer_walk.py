@@ -126,6 +126,17 @@ def test_every_image_gets_the_walk_of_its_stored_cams(dataset, ray_session, tmp_
         run_rw(make_cfg(dataset, logt=3), str(out), progress=False)
 
 
+def test_cams_of_another_size_stop_the_walk_with_exit_2_after_the_others(
+        dataset, ray_session, tmp_path):
+    out = with_cams(dataset, tmp_path / "run")
+    layout = InferLayout(str(out))
+    cams, classes = np.ones((1, 8, 9), np.float16), np.array([0])
+    save_cam_npz(layout.cam(NAMES[2]), cams, classes, VOC)
+    with pytest.raises(UserError, match=rf"{NAMES[2]}.npz: CAMs of 9x8 \(WxH\) for an image of"):
+        run_rw(make_cfg(dataset), str(out), progress=False)  # a UserError: exit code 2 from the CLI
+    assert sorted(p.stem for p in (out / "rw").glob("*.png")) == [n for n in NAMES if n != NAMES[2]]
+
+
 def test_a_killed_actor_and_a_corrupt_image_leave_one_row_and_one_file_per_image(
     dataset, ray_session, tmp_path, monkeypatch
 ):

@@ -95,11 +95,13 @@ class RwWorker:
         try:
             image = read_image(image_path(self.root, name))
             cams, classes = load_cam_npz(self.layout.cam(name))
-            if cams.shape[1:] != image.shape[:2]:
-                raise UserError(f"{self.layout.cam(name)}: CAMs of size {cams.shape[1]} x {cams.shape[2]} "
-                                f"for an image of {image.shape[0]} x {image.shape[1]}")
         except UserError as err:
             row.update(status="error", error=str(err), load_s=time.perf_counter() - start)
+            return row
+        if cams.shape[1:] != image.shape[:2]:  # CAMs of another image or run: the run stops (exit 2)
+            row.update(status="error", refused=True, load_s=time.perf_counter() - start,
+                       error=f"{self.layout.cam(name)}: CAMs of {cams.shape[2]}x{cams.shape[1]} (WxH) for "
+                             f"an image of {image.shape[1]}x{image.shape[0]} (rerun cse-ray infer for it)")
             return row
         loaded = time.perf_counter()
         beta, logt, bg_exponent = self.walk
@@ -204,7 +206,7 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
     actors = [ray.remote(RwWorker).options(**options).remote(
         cfg.model.backbone, [state_ref], use_gpu, r.cpus_per_actor, layout, root,
         (r.beta, r.logt, r.bg_exponent), index, kill_after) for index in range(r.num_actors) if todo]
-    done, errors = 0, {}
+    done, errors, refused = 0, {}, []
     bar = tqdm(total=len(names), initial=skipped, unit="img", desc="rw", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
 
@@ -223,6 +225,8 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
             done += 1
         else:
             errors[name] = row["error"]
+            if row.get("refused"):
+                refused.append(row["error"])
         bar.update(1)
         if (done + len(errors)) % 50 == 0:
             manifest.write()
@@ -241,4 +245,7 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
     summary = RwSummary(layout.root, len(names), done, skipped, len(errors), time.perf_counter() - started,
                         errors)
     print(summary.line())
+    if refused:
+        more = f" (and {len(refused) - 1} more images)" if len(refused) > 1 else ""
+        raise UserError(refused[0] + more)
     return summary
