@@ -25,6 +25,8 @@ EPILOG = """\
 examples:
   cse-ray pipeline --config configs/demo.yaml --out runs/demo
   cse-ray train-cse --config configs/voc12.yaml train_cse.lr=0.02 train_cse.num_workers=8
+  cse-ray predict --checkpoint runs/demo/train_seg/model.pth --config runs/demo/config.yaml \\
+      --images ~/photos --out runs/demo/photos
   cse-ray evaluate --pred runs/demo/cams --gt runs/demo/data/SegmentationClass \\
       --list runs/demo/data/ImageSets/Segmentation/val.txt --task cam
 docs: README.md, docs/CONFIG.md (every config key), docs/ARCHITECTURE.md"""
@@ -116,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which classes the label indices mean: voc (21 categories) or coco (81)")
     ev.add_argument("--log-dir", default=None, help="also write TensorBoard scalars here")
 
+    predict = sub.add_parser(
+        "predict", help="segment images with a trained segmentation network on Ray actors: DIR/NAME.png",
+        description="Segment images with a trained segmentation network (multi-scale + flip, optional "
+                    "dense CRF) on Ray actors: OUT/NAME.png palette PNGs, each of its image's size, and "
+                    "OUT/predict_manifest.parquet (one row per image). Resumes when run again.",
+        epilog="examples:\n"
+               "  cse-ray predict --checkpoint runs/demo/train_seg/model.pth \\\n"
+               "      --config runs/demo/config.yaml --images ~/photos --out runs/demo/photos\n"
+               "  cse-ray predict --checkpoint model.pth --list val --root data/VOC2012 --out seg_val \\\n"
+               "      train_seg.network=resnet101 predict.scales=[1.0] predict.crf=true",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_argument("--checkpoint", required=True, metavar="FILE",
+                         help="the segmentation network's weights (RUN/train_seg/model.pth), of "
+                              "train_seg.network for the config's classes")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", default=None, metavar="DIR",
+                        help="a folder: every .jpg, .jpeg and .png in it")
+    source.add_argument("--list", default=None, metavar="FILE", dest="list_path",
+                        help="an image list (a file, or a list name such as val) under --root")
+    predict.add_argument("--root", default=None, metavar="DIR",
+                         help="VOC-layout root of --list (ROOT/JPEGImages/NAME.jpg)")
+    predict.add_argument("--out", required=True, metavar="DIR",
+                         help="folder (or s3:// URI) for NAME.png and the manifest")
+    predict.add_argument("--config", default=None, metavar="FILE",
+                         help="YAML config, e.g. the training run's RUN/config.yaml (default: the defaults; "
+                              "the network is train_seg.network, the classes data.dataset)")
+    predict.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (predict.*)")
+
     weights = sub.add_parser("weights", help="weight files")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="SUBCOMMAND")
     convert = weights_sub.add_parser("convert", help="MXNet .params or DataParallel .pth -> state dict")
@@ -174,6 +204,8 @@ def run(args: argparse.Namespace) -> None:
             thresholds=tuple(args.thresholds) if args.thresholds else None, log_dir=args.log_dir,
             labels=label_space(args.dataset),
         )
+    elif args.command == "predict":
+        _predict(args)
     elif args.command == "weights":
         from cse_ray.models.weights import convert_weights
 
@@ -181,6 +213,21 @@ def run(args: argparse.Namespace) -> None:
         print(report)
     else:
         _run_stage(args.command, command_config(args), args.out or default_out(args.config))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from cse_ray import artifacts
+    from cse_ray.config import load_config
+
+    if (args.list_path is None) != (args.root is None):
+        raise UserError("--list and --root go together (ROOT/JPEGImages/NAME.jpg for each listed NAME)")
+    # Predict reads no dataset of the config: the data.root placeholder only satisfies its validation.
+    placeholder = [] if args.config else [f"data.root={args.root or args.images}"]
+    cfg = load_config(args.config, [*placeholder, *args.overrides])
+    artifacts.check_storage(args.out)
+    from cse_ray.infer.predict import run_predict
+
+    run_predict(cfg, args.out, args.checkpoint, images=args.images, list_file=args.list_path, root=args.root)
 
 
 STAGE_FUNCTIONS = {

@@ -8,6 +8,9 @@ The probabilities are clipped to [PROB_FLOOR, 1] before the log, as pydensecrf's
 `unary_from_softmax` (which the reference calls) does by default: a class map that is exactly 0
 would otherwise give an infinite unary. The stack is not renormalised, as in the reference.
 
+`cse-ray predict` (`predict.crf`) runs the same CRF (`dense_crf`: one place for the pairwise terms) on
+the segmentation network's class probabilities, every class at once.
+
 This module imports no torch and no Ray, so a CRF worker process starts quickly; the Ray task that
 wraps `crf_alphas_task` lives in `cse_ray.infer.workers`. Where the outputs go is `InferLayout`'s.
 """
@@ -40,17 +43,24 @@ def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -
 def crf_probabilities(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], alpha: float,
                       params: CrfConfig) -> np.ndarray:
     """The CRF's marginals, float32 (K+1) x H x W: row 0 background, row i+1 the class `classes[i]`."""
-    import pydensecrf.densecrf as dcrf
-
     _check_inputs(image, cams, classes)
     height, width = image.shape[:2]
     cams = np.asarray(cams, np.float32)
     if cams.shape[0] == 0:  # nothing present: background everywhere, no need for the CRF
         return np.ones((1, height, width), np.float32)
     background = np.power(1.0 - cams.max(axis=0, keepdims=True), alpha)
-    probs = np.concatenate([background, cams], axis=0)
-    labels = probs.shape[0]
-    unary = -np.log(np.clip(probs, PROB_FLOOR, 1.0)).reshape(labels, -1)
+    return dense_crf(image, np.concatenate([background, cams], axis=0), params)
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:
+    """The CRF's marginals, float32 L x H x W, of the label probabilities `probs` (L x H x W, any float
+    type) on the uint8 H x W x 3 image: unary -log(probs), psa's Gaussian and bilateral terms."""
+    import pydensecrf.densecrf as dcrf
+
+    labels, height, width = probs.shape
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"probabilities of shape {probs.shape} do not match image {image.shape[:2]}")
+    unary = -np.log(np.clip(np.asarray(probs, np.float32), PROB_FLOOR, 1.0)).reshape(labels, -1)
     crf = dcrf.DenseCRF2D(width, height, labels)  # the image copy below: pydensecrf needs a writable array
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
@@ -58,6 +68,14 @@ def crf_probabilities(image: np.ndarray, cams: np.ndarray, classes: Sequence[int
                              rgbim=np.array(image, dtype=np.uint8, order="C"), compat=params.bilateral_compat)
     marginals = crf.inference(params.iterations)
     return np.asarray(marginals, np.float32).reshape(labels, height, width)
+
+
+def crf_segmentation(image: np.ndarray, probs: np.ndarray, params: CrfConfig) -> np.ndarray:
+    """uint8 H x W label map of the dense CRF on a segmentation network's class probabilities
+    ((C + 1) x H x W, row 0 background): `cse-ray predict` with `predict.crf`."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H x W x 3 image, got {image.dtype} {image.shape}")
+    return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
 
 
 def probabilities_to_label(probs: np.ndarray, classes: Sequence[int]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Dense CRF on CAMs: the psa recipe, checked against pydensecrf called directly, and the per-image task."""
+"""Dense CRF on CAMs: the psa recipe, checked against pydensecrf called directly, and the per-image task;
+the same CRF on a segmentation network's class probabilities (`cse-ray predict` with `predict.crf`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from cse_ray.crf import (
     crf_probabilities,
     crf_probs_seed_dict,
     crf_refine,
+    crf_segmentation,
     probabilities_to_label,
 )
 from cse_ray.labels import PALETTE
@@ -71,6 +73,27 @@ def test_crf_refine_equals_pydensecrf_with_the_psa_parameters(scene, alpha):
     unary_only = probabilities_to_label(np.concatenate([bg, cams]), classes)
     assert (unary_only != got).sum() > 10
     assert set(np.unique(got)) <= {0, 8, 15}
+
+
+def test_crf_segmentation_runs_the_psa_crf_on_every_class_probability(scene):
+    image, cams, _ = scene
+    # A network's softmax over background + 20 classes: the two objects' classes and a uniform rest.
+    rng = np.random.default_rng(1)
+    scores = rng.normal(0, 0.5, (21,) + image.shape[:2]).astype(np.float32)
+    scores[0] += 2.0 * (1 - cams.max(axis=0))
+    scores[8] += 3.0 * cams[0]
+    scores[15] += 3.0 * cams[1]
+    probs = np.exp(scores) / np.exp(scores).sum(axis=0, keepdims=True)
+    crf = dcrf.DenseCRF2D(image.shape[1], image.shape[0], 21)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.copy(image), compat=10)
+    expected = np.array(crf.inference(10)).reshape(probs.shape).argmax(axis=0)
+
+    got = crf_segmentation(image, probs, PSA)
+    assert got.dtype == np.uint8 and got.shape == image.shape[:2]
+    np.testing.assert_array_equal(got, expected)
+    assert (got != probs.argmax(axis=0)).sum() > 10  # the pairwise terms cleaned up the noisy argmax
 
 
 def test_higher_alpha_means_less_background(scene):

@@ -8,6 +8,7 @@
     pool.py       `run_on_actors`: a pool of actors fed one item at a time (least busy, bounded in flight)
     confident.py  `write_confident_labels`: CRF maps at psa's two alphas -> AffinityNet's confident labels
     walk.py       `run_rw` (`cse-ray rw`): psa's random walk on Ray actors from the stored CAMs
+    predict.py    `run_predict` (`cse-ray predict`): the segmentation network on Ray actors, label PNGs
 
 Every output is written atomically by the actor or task that computed it, so "the file exists" means
 "the file is complete": a rerun skips what exists, a crash loses at most the images in flight, and
@@ -16,6 +17,7 @@ every image has exactly one manifest row. Where each file goes is `cse_ray.layou
 
 from cse_ray.infer.confident import ConfidentSummary, write_confident_labels
 from cse_ray.infer.manifest import Manifest, read_manifest
+from cse_ray.infer.predict import TEST_KILL_PREDICT_MARKER, PredictSummary, run_predict
 from cse_ray.infer.pseudo import PseudoLabelSummary, load_cams, write_pseudo_labels
 from cse_ray.infer.scheduler import InferSummary, run_infer
 from cse_ray.infer.walk import TEST_KILL_RW_MARKER, RwSummary, run_rw
@@ -24,15 +26,18 @@ from cse_ray.infer.workers import TEST_KILL_ENV, TEST_KILL_MARKER
 __all__ = [
     "TEST_KILL_ENV",
     "TEST_KILL_MARKER",
+    "TEST_KILL_PREDICT_MARKER",
     "TEST_KILL_RW_MARKER",
     "ConfidentSummary",
     "InferSummary",
     "Manifest",
+    "PredictSummary",
     "PseudoLabelSummary",
     "RwSummary",
     "load_cams",
     "read_manifest",
     "run_infer",
+    "run_predict",
     "run_rw",
     "write_confident_labels",
     "write_pseudo_labels",

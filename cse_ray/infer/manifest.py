@@ -12,7 +12,7 @@ import io
 from collections.abc import Sequence
 
 from cse_ray import artifacts
-from cse_ray.layout import InferLayout
+from cse_ray.layout import InferLayout, PredictLayout
 
 PSEUDO_FIELDS = ("pseudo_label", "pseudo_source", "pseudo_value")
 
@@ -36,11 +36,12 @@ class Manifest:
     """One row per image, keyed by name; rows of earlier runs are kept and replaced, never duplicated.
 
     order: the list's names; rows are written in that order, rows of other names after them.
-    path, schema: another table of the same kind (the random walk's `rw_manifest.parquet`).
+    path, schema: another table of the same kind (the random walk's `rw_manifest.parquet`, predict's
+    `predict_manifest.parquet`).
     """
 
-    def __init__(self, layout: InferLayout, order: Sequence[str] = (), path: str | None = None,
-                 schema=None) -> None:
+    def __init__(self, layout: InferLayout | PredictLayout, order: Sequence[str] = (),
+                 path: str | None = None, schema=None) -> None:
         import pyarrow.parquet as pq
 
         self.path = path or layout.manifest
