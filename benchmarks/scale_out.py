@@ -1,21 +1,25 @@
 """Exact scale-out: one train-cse epoch on N workers erases as on one worker at the same global batch.
 
 The erasing mask is divided by the maximum over the global batch (`cse_ray.objective.global_batch_max`),
-so the mean erasing mask (`mask_mean` in the epoch history of result.json) of N workers must match one
-worker's. With per-worker maxima it came out 1.31x larger on 4 workers.
+and the dropout masks are drawn per sample (`train_cse.dropout_rng=sample`, the default;
+`cse_ray.models.sample_dropout`), so the mean erasing mask (`mask_mean` in the epoch history of
+result.json) of N workers must match one worker's. With per-worker maxima it came out 1.31x larger on 4
+workers; with each worker's own dropout stream (`--dropout-rng worker`) pairs of runs scatter by
+-8 % to +22 %.
 
     python benchmarks/scale_out.py --out runs/scale_out
 
 What it runs, each step a `cse-ray` command against one Ray cluster (RAY_ADDRESS):
 1. `ray start --head --num-cpus=N` with a temp dir of its own (unless RAY_ADDRESS is set already);
 2. `cse-ray train-cam` with configs/demo.yaml's data at 240 training images, 5 epochs (the classifier);
-3. `cse-ray train-cse` one epoch, global batch 8, against that classifier: 1 worker, then N workers with
-   one CPU each, into OUT/workers1 and OUT/workersN;
+3. `cse-ray train-cse` one epoch, global batch 8, against that classifier, with the demo's dropout
+   (0.3 / 0.5) drawn as `--dropout-rng` says (default `sample`; configs/demo.yaml itself keeps
+   `worker`): 1 worker, then N workers with one CPU each, into OUT/<tag><rng>-workers1 and -workersN;
 4. prints mask_mean of both, their ratio, and whether it is within the tolerance (5 %);
-5. with `--dropout-draws K`: the 1-worker epoch again K times in this process (the same step function,
-   data order, augmentation and mask classes), draw 0 with the training's own random stream and the
-   others with other dropout masks: the spread that dropout alone gives mask_mean, against which the
-   N-worker figure is read (dropout masks are the one part of a step that depends on the split).
+5. with `--dropout-draws K` (only with `--dropout-rng worker`): the 1-worker epoch again K times in this
+   process (the same step function, data order, augmentation and mask classes), draw 0 with the
+   training's own random stream and the others with other dropout masks: the spread that dropout alone
+   gives mask_mean, against which an N-worker figure drawn from each worker's stream is read.
 The cluster it started is stopped through its own `ray start --block` process (never `ray stop`, which
 stops every Ray instance on the machine). Reruns skip the stages that finished.
 """
@@ -153,9 +157,14 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="more train-cse overrides, e.g. train_cse.dropout=[0,0] (runs go to OUT/<tag>)")
     parser.add_argument("--tag", default="", help="name of this comparison's run folders (with overrides)")
+    parser.add_argument("--dropout-rng", choices=("sample", "worker"), default="sample",
+                        help="train_cse.dropout_rng of both runs: per-sample masks or each worker's stream")
     parser.add_argument("--dropout-draws", type=int, default=0,
-                        help="also run the 1-worker epoch this many times with other dropout masks")
+                        help="also run the 1-worker epoch this many times with other dropout masks "
+                             "(with --dropout-rng worker)")
     args = parser.parse_args()
+    if args.dropout_draws and args.dropout_rng != "worker":
+        parser.error("--dropout-draws reseeds torch's stream, which only --dropout-rng worker draws from")
 
     out = Path(args.out).resolve()
     data = [f"data.root={out / 'data'}", f"data.synth.train={args.train}", f"data.synth.val={args.val}"]
@@ -174,9 +183,9 @@ def main() -> int:
         means = {}
         cse = [*data, f"train_cse.classifier={out / 'train_cam' / 'model.pth'}", "train_cse.epochs=1",
                f"train_cse.batch_size={args.batch}", "train_cse.cpus_per_worker=1", "train_cse.val_images=8",
-               *args.overrides]
+               f"train_cse.dropout_rng={args.dropout_rng}", *args.overrides]
         for workers in (1, args.workers):
-            run = out / f"{args.tag}workers{workers}"
+            run = out / f"{args.tag}{args.dropout_rng}-workers{workers}"
             cse_ray(["train-cse", "--config", args.config, "--out", str(run), *cse,
                      f"train_cse.num_workers={workers}"], env)
             epoch = json.loads((run / "train_cse" / "result.json").read_text())["history"][0]
@@ -187,8 +196,9 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
     one, many = means[1], means[args.workers]
     ratio = many["mask_mean"] / one["mask_mean"]
-    print(f"\nglobal batch {args.batch}, {args.train} training images, one epoch of train-cse "
-          f"{' '.join(args.overrides)} ({time.perf_counter() - started:.0f} s in all)")
+    print(f"\nglobal batch {args.batch}, {args.train} training images, one epoch of train-cse, "
+          f"train_cse.dropout_rng={args.dropout_rng} {' '.join(args.overrides)} "
+          f"({time.perf_counter() - started:.0f} s in all)")
     print("| workers | mask_mean | loss | loss_erase | img/s |\n|---:|---:|---:|---:|---:|")
     for workers, epoch in means.items():
         print(f"| {workers} | {epoch['mask_mean']:.5f} | {epoch['loss']:.4f} | {epoch['loss_erase']:.4f} | "

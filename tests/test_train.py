@@ -69,6 +69,7 @@ def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(ray_session, t
 
 
 def test_one_and_two_workers_see_the_same_first_step(ray_session, tmp_path: Path) -> None:
+    """Dropout on (0.3 / 0.5): with `dropout_rng: sample` each sample's masks follow it to its worker."""
     torch.manual_seed(0)
     classifier = tmp_path / "classifier.pth"
     torch.save(build_classifier("resnet38d_tiny").state_dict(), classifier)
@@ -76,11 +77,12 @@ def test_one_and_two_workers_see_the_same_first_step(ray_session, tmp_path: Path
     for workers in (1, 2):
         cfg = small_config(
             f"train_cse.num_workers={workers}", "train_cse.batch_size=16", "train_cse.epochs=1",
-            "train_cse.dropout=[0,0]", f"train_cse.classifier={classifier}", "train_cse.freeze=reference",
+            "train_cse.dropout=[0.3,0.5]", "train_cse.dropout_rng=sample",
+            f"train_cse.classifier={classifier}", "train_cse.freeze=reference",
         )
         summary = train_cse(cfg, str(tmp_path / f"w{workers}"))
         losses.append(summary["history"][0])  # 16 images, batch 16: the epoch is one step
-    for key in ("loss", "loss_cls", "loss_erase"):
+    for key in ("loss", "loss_cls", "loss_erase", "mask_mean"):  # the mask shows the dropout masks
         assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-4, abs=1e-6), key
 
 

@@ -95,6 +95,19 @@ def test_a_channels_last_epoch_takes_the_same_steps():
     assert torch.allclose(nhwc.model.fc8.weight, plain.model.fc8.weight, atol=1e-5)
 
 
+def test_the_dropout_masks_come_from_the_sample_keys_unless_dropout_rng_is_worker():
+    """`sample`: the epoch does not depend on torch's random stream (the masks are functions of (seed,
+    epoch, sample index)); `worker`: it does, which is what makes the masks depend on the split."""
+    losses = {}
+    for rng in ("sample", "worker"):
+        for torch_seed in (1, 2):
+            ctx = context("train_cse", overrides=(f"train_cse.dropout_rng={rng}",))
+            torch.manual_seed(torch_seed)
+            losses[rng, torch_seed] = run_epoch(ctx, epoch=0, weight=0.3)["loss"]
+    assert losses["sample", 1] == losses["sample", 2]
+    assert losses["worker", 1] != losses["worker", 2]
+
+
 def test_a_nan_loss_stops_the_epoch_at_the_next_check_naming_its_global_step():
     ctx = context("train_cam", FaultHooks(nan_at_epoch=2))
     assert run_epoch(ctx, epoch=0)["nonfinite_step"] == -1

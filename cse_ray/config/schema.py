@@ -85,6 +85,10 @@ class TrainCamConfig:
     jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
     dropout: tuple[float, float] = (0.3, 0.5)  # Dropout2d in b6, b7 while training (psa's train_cls)
     head_dropout: float = field(default=0.5, metadata=_range(0.0, 1.0))  # before fc8: psa 0.5, OC-CSE none
+    # Where the dropout masks come from. "sample": each sample's own generator, keyed by (seed, epoch,
+    # sample index, layer), so N workers draw the masks one worker draws and take its step; "worker":
+    # torch's random stream on each worker, so the masks depend on how the batch is split.
+    dropout_rng: str = field(default="sample", metadata=_choices("sample", "worker"))
     # "reference": conv1a, b2* and every BatchNorm frozen (psa/OC-CSE, needs pretrained weights);
     # "none": everything trains (for networks trained from scratch, e.g. on the synthetic set).
     freeze: str = field(default="reference", metadata=_choices("reference", "none"))

@@ -26,6 +26,7 @@ from cse_ray.models.affinity import (
     pair_region,
 )
 from cse_ray.models.resnet38d import FEATURE_STRIDE, FROZEN_PREFIXES, HEAD_NAME, ResNet38d
+from cse_ray.models.sample_dropout import SampleDropout2d, sample_dropout
 from cse_ray.models.segmentation import ASPP_RATES, SEG_HEAD, SegResNet38d, SegResNet101
 from cse_ray.models.weights import LoadReport, convert_weights, load_weights, read_weights, unwrap
 
@@ -40,6 +41,7 @@ __all__ = [
     "VARIANTS",
     "LoadReport",
     "ResNet38d",
+    "SampleDropout2d",
     "build_affinity_net",
     "build_classifier",
     "build_segmenter",
@@ -54,6 +56,7 @@ __all__ = [
     "pair_region",
     "param_groups",
     "read_weights",
+    "sample_dropout",
     "unwrap",
 ]
 

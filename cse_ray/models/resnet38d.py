@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cse_ray.models.sample_dropout import SampleDropout2d
+
 FEATURE_STRIDE = 8
 HEAD_NAME = "fc8"
 # Frozen while training (METHOD.md): the stem and the first stage; plus every BatchNorm layer.
@@ -77,12 +79,12 @@ class PreActBottleneck(nn.Module):
         self.bn_branch2a = nn.BatchNorm2d(in_channels)
         self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4)
-        self.dropout_2b1 = nn.Dropout2d(dropout)
+        self.dropout_2b1 = SampleDropout2d(dropout)
         self.conv_branch2b1 = nn.Conv2d(
             out_channels // 4, out_channels // 2, 3, padding=dilation, dilation=dilation, bias=False
         )
         self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2)
-        self.dropout_2b2 = nn.Dropout2d(dropout)
+        self.dropout_2b2 = SampleDropout2d(dropout)
         self.conv_branch2b2 = nn.Conv2d(out_channels // 2, out_channels, 1, bias=False)
         self.same_shape = in_channels == out_channels
         if not self.same_shape:
@@ -111,7 +113,9 @@ class ResNet38d(nn.Module):
     widths: channels of (conv1a, stage 2, stage 3, stage 4, stage 5, b6, b7); stage 5's inner width is
     half its output, the bottlenecks' inner widths are a quarter and a half of their output.
     blocks: number of blocks in stages 2..5 (b6 and b7 are always one bottleneck each).
-    dropout: Dropout2d rates inside b6 and b7.
+    dropout: Dropout2d rates inside b6 and b7. Every dropout is a `SampleDropout2d`: torch's Dropout2d,
+    or per-sample masks inside `sample_dropout(model, keys)` (what training uses, so that a split of
+    the batch over workers draws the same masks).
     dilated: the published dilations (stage 5: 2, b6/b7: 4). False sets them all to 1: no parameter
     changes, but a much smaller receptive field, for small images where a dilated network sees the
     whole image from every feature cell (docs/DEMO.md).
@@ -165,7 +169,7 @@ class ResNet38d(nn.Module):
         self.b7 = PreActBottleneck(w6, w7, dilation=d6, dropout=float(dropout[1]))
         self.block_names += ["b6", "b7"]
         self.bn7 = nn.BatchNorm2d(w7)
-        self.head_dropout = nn.Dropout2d(head_dropout)
+        self.head_dropout = SampleDropout2d(head_dropout)
         self.fc8 = nn.Conv2d(w7, self.num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
         self.feature_channels = w7

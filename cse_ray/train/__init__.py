@@ -23,7 +23,7 @@ What a stage writes (every path comes from `cse_ray.layout.StageLayout`):
 from __future__ import annotations
 
 from cse_ray.train.checkpoints import TrainState, resume_checkpoint
-from cse_ray.train.epoch import EpochContext, mask_scores, run_epoch, worker_print
+from cse_ray.train.epoch import EpochContext, dropout_keys, mask_scores, run_epoch, worker_print
 from cse_ray.train.faults import TEST_FAULT_ENV, TEST_NAN_ENV, FaultHooks
 from cse_ray.train.loop import IndexedDataset, build_networks, train_loop_per_worker
 from cse_ray.train.stage import (
@@ -41,7 +41,7 @@ from cse_ray.train.validate import validate
 __all__ = [
     "TEST_FAULT_ENV", "TEST_NAN_ENV",
     "EpochContext", "FaultHooks", "IndexedDataset", "StageInputs", "TrainState",
-    "build_networks", "classifier_checkpoint", "fit_stage", "mask_scores", "prepare_stage",
+    "build_networks", "classifier_checkpoint", "dropout_keys", "fit_stage", "mask_scores", "prepare_stage",
     "resume_checkpoint", "run_epoch", "train_aff", "train_both", "train_cam", "train_cse",
     "train_loop_per_worker", "validate", "worker_print",
 ]

@@ -50,6 +50,12 @@ def mask_scores(indices: torch.Tensor, seed: int, epoch: int, num_classes: int) 
     return torch.from_numpy(np.stack(rows)).float()
 
 
+def dropout_keys(indices: torch.Tensor, seed: int, epoch: int) -> list[tuple[int, int, int]]:
+    """Each sample's dropout key, (seed, epoch, sample index) (`cse_ray.models.sample_dropout`): with
+    `dropout_rng: sample` a sample's masks are the same on whichever worker and batch place it lands."""
+    return [(int(seed), int(epoch), int(i)) for i in indices]
+
+
 def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0, losses_fn=None) -> dict:
     """One pass over the loader; returns the epoch's mean losses over all workers, lr, images/s and
     `nonfinite_step` (the first global step whose loss was NaN or infinite on any worker, else -1).
@@ -57,6 +63,7 @@ def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0, losses_fn=None
     `weight`: the erasing loss's weight this epoch (train_cse). `losses_fn(model, images, labels)`:
     another stage's named losses with a "total" (train_aff's `affinity_losses`).
     """
+    from cse_ray.models import sample_dropout
     from cse_ray.objective import cam_losses, cse_losses
 
     scfg, device = ctx.scfg, ctx.device
@@ -72,7 +79,8 @@ def run_epoch(ctx: EpochContext, epoch: int, weight: float = 0.0, losses_fn=None
     for step_in_epoch, (images, labels, indices) in enumerate(ctx.loader):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
+        keys = dropout_keys(indices, scfg.seed, epoch) if scfg.dropout_rng == "sample" else None
+        with autocast, sample_dropout(ctx.model, keys):
             if losses_fn is not None:
                 losses = losses_fn(ctx.model, images, labels)
             elif ctx.frozen is None:

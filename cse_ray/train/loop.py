@@ -85,7 +85,7 @@ class WorkerRun:
 
 
 class IndexedDataset(Dataset):
-    """Adds the sample index, from which each image's mask-class choice is derived."""
+    """Adds the sample index, from which each image's mask-class choice and dropout masks are derived."""
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
@@ -193,15 +193,17 @@ def setup(inputs: StageInputs) -> WorkerRun:
 
 def begin_epoch(run: WorkerRun, epoch: int) -> None:
     """events.log's line (rank 0), the test fault hook, the epoch's shuffle and augmentation, and the
-    random stream of the dropout masks."""
+    torch random stream (the dropout masks' with `dropout_rng: worker`)."""
     if run.rank == 0:
         artifacts.append_line(run.paths.events,
                               f"{time.strftime('%Y-%m-%dT%H:%M:%S')} epoch {epoch + 1} started")
         run.inputs.faults.crash_once(run.paths, epoch)
     else:
         # Every rank was seeded alike (identical initial weights), so without this all workers would
-        # draw the same dropout masks. Rank 0 keeps the stream a single worker has (and its checkpoint
-        # restores); the others draw their own, from (seed, rank, epoch), the same after a resume.
+        # draw the same dropout masks from torch's stream (`dropout_rng: worker`; with `sample` each
+        # sample's masks come from its own key instead). Rank 0 keeps the stream a single worker has
+        # (and its checkpoint restores); the others draw their own, from (seed, rank, epoch), the same
+        # after a resume.
         torch.manual_seed(int(np.random.SeedSequence([run.scfg.seed, run.rank, epoch]).generate_state(1)[0]))
     run.dataset.set_epoch(epoch)
     run.sampler.set_epoch(epoch)
