@@ -41,6 +41,9 @@ CONFIG_COMMANDS = {
     "train-aff": "train AffinityNet on the confident labels of aff-labels on Ray Train",
     "rw": "random walk with AffinityNet's affinities on Ray actors: the stored CAMs of the inference "
           "list refined into label PNGs (RUN/rw/)",
+    "train-seg": "train the segmentation network (ResNet-38d or ResNet-101 + ASPP) on Ray Train on "
+                 "pseudo-labels: the random walk's (train_seg.labels=rw: RUN/rw/), inference's "
+                 "(train_seg.labels=pseudo: RUN/pseudo_labels/) or a folder's (train_seg.labels_dir)",
     "tune": "Ray Tune sweep over train-cse hyperparameters",
     "pipeline": "the whole chain as one run: data, train-cam, train-cse, infer, CRF, evaluate, report",
 }
@@ -238,6 +241,7 @@ STAGE_FUNCTIONS = {
     "aff-labels": ("cse_ray.infer", "write_confident_labels"),
     "train-aff": ("cse_ray.train", "train_aff"),
     "rw": ("cse_ray.infer", "run_rw"),
+    "train-seg": ("cse_ray.train", "train_seg"),
     "tune": ("cse_ray.tune", "run_tune"),
     "pipeline": ("cse_ray.pipeline", "run_pipeline"),
 }

@@ -114,6 +114,12 @@ def image_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of a local image from its header alone (a file `image_problem` found sound)."""
+    with Image.open(path) as img:
+        return int(img.size[1]), int(img.size[0])
+
+
 def read_label_png(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None,
                    what: str = "mask") -> np.ndarray:
     """uint8 H x W class indices from a palette or grayscale PNG (a mask, a CRF map, a pseudo-label)."""

@@ -185,6 +185,11 @@ class StageLayout:
         return _join(self.root, "classifier.json")
 
     @property
+    def network_record(self) -> str:
+        """The network a segmentation run started with (name, classes, ASPP rates): a resume must match."""
+        return _join(self.root, "network.json")
+
+    @property
     def latest(self) -> str:
         """The newest persisted epoch checkpoint."""
         return _join(self.root, "latest.json")

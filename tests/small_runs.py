@@ -5,4 +5,5 @@ SMALL_TRAINING = [
     "train_cam.crop=48", "train_cam.resize_long=[40,56]",
     "train_cse.crop=48", "train_cse.resize_long=[40,56]",
     "train_cam.log_every=1", "train_cse.log_every=1",
+    "train_seg.crop=48", "train_seg.resize_long=[40,56]", "train_seg.log_every=1",
 ]

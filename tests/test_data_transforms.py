@@ -163,3 +163,28 @@ def test_image_dataset_yields_unaugmented_images(tiny_voc) -> None:
     assert items[1]["image"].shape == (64, 30, 3) and items[1]["image"].dtype == np.uint8
     assert np.array_equal(items[1]["label"], labels["tall"])
     assert "label" not in ImageDataset(root, names)[0]
+
+
+def test_an_image_and_its_label_are_resized_flipped_and_cropped_together() -> None:
+    """Left half red / class 1, right half blue / class 2: after augmentation every pixel of either colour
+    keeps its class, and the padding of a crop larger than the image is 255 and invalid."""
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[:, :20, 0] = 255
+    image[:, 20:, 2] = 255
+    label = np.ones((30, 40), np.uint8)
+    label[:, 20:] = 2
+    no_jitter = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    flipped = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        crop, crop_label, valid = T.augment_with_label(image, label, rng, 48, (40, 44), no_jitter)
+        assert crop.shape == (48, 48, 3) and crop.dtype == np.float32 and crop_label.dtype == np.uint8
+        assert np.array_equal(crop_label == 255, ~valid) and (~valid).sum() >= 48 * 48 - 33 * 44
+        # Normalised, 255 lies above 1 and 0 below -1; bicubic blends the colours at the border only.
+        red = (crop[..., 0] > 1.0) & (crop[..., 2] < -1.0)
+        blue = (crop[..., 2] > 1.0) & (crop[..., 0] < -1.0)
+        assert not (red & (crop_label != 1)).any() and not (blue & (crop_label != 2)).any()
+        assert (red | blue).sum() >= 0.9 * valid.sum()
+        columns = np.flatnonzero(valid.any(axis=0))
+        flipped += int(crop_label[valid.any(axis=1)][:, columns[0]][0] == 2)  # class 2 on the left
+    assert 0 < flipped < 8  # some crops were flipped, some not

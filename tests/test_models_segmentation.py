@@ -77,3 +77,13 @@ def test_unknown_networks_and_rates_are_refused_by_name() -> None:
         build_segmenter("resnet38d_tiny", rates=(0, 6))
     assert count_parameters(build_segmenter("resnet38d_tiny", rates=(1, 2))) < count_parameters(
         build_segmenter("resnet38d_tiny"))
+
+
+def test_dropout_goes_into_resnet38ds_b6_and_b7_and_resnet101_refuses_it() -> None:
+    model = build_segmenter("resnet38d_tiny", dropout=(0.3, 0.5))
+    assert (model.b6.dropout_2b1.p, model.b7.dropout_2b2.p) == (0.3, 0.5)
+    assert build_segmenter("resnet38d_tiny").b6.dropout_2b1.p == 0.0
+    with pytest.raises(UserError, match="resnet101_tiny.*b6 and b7"):
+        build_segmenter("resnet101_tiny", dropout=(0.3, 0.0))
+    with pytest.raises(UserError, match=r"dropout must be two rates in \[0, 1\)"):
+        build_segmenter("resnet38d_tiny", dropout=(1.0, 0.0))

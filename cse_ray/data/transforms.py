@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from cse_ray.labels import IGNORE_INDEX
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -121,6 +123,31 @@ def random_crop_pad(img: np.ndarray, rng: np.random.Generator, crop: int) -> np.
         img_top : img_top + crop_h, img_left : img_left + crop_w
     ]
     return canvas
+
+
+def augment_with_label(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, crop: int,
+    resize_long: tuple[int, int], jitter: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image and its label map augmented together (AffinityNet's and the segmentation network's crops).
+
+    The long side drawn from `resize_long` (image bicubic, label nearest), a flip of both with
+    probability 1/2, colour jitter of the image only, normalisation, then one random crop window for
+    both. Returns (float32 crop x crop x 3 image, uint8 crop x crop label, bool crop x crop valid):
+    where the crop is padding the image is 0 (the mean colour), the label 255 and `valid` False.
+    """
+    long_side = int(rng.integers(resize_long[0], resize_long[1] + 1))
+    image = resize_long_side(image, long_side, BICUBIC)
+    label = resize_long_side(label, long_side, NEAREST)
+    if rng.random() < 0.5:
+        image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+    image = color_jitter(image, rng, **jitter)
+    # One crop for image, label and a validity channel: the padding is 0 in all three.
+    stacked = np.concatenate([normalize(image), label[..., None].astype(np.float32),
+                              np.ones((*label.shape, 1), np.float32)], axis=2)
+    window = random_crop_pad(stacked, rng, crop)
+    valid = window[..., 4] > 0.5
+    return window[..., :3], np.where(valid, window[..., 3], IGNORE_INDEX).astype(np.uint8), valid
 
 
 def to_chw(img: np.ndarray) -> np.ndarray:

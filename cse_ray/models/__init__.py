@@ -137,21 +137,28 @@ SEG_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def build_segmenter(
-    name: str, num_classes: int = VOC_CLASSES, rates: Sequence[int] = ASPP_RATES
+    name: str, num_classes: int = VOC_CLASSES, rates: Sequence[int] = ASPP_RATES,
+    dropout: Sequence[float] = (0.0, 0.0),
 ) -> nn.Module:
     """A segmentation network: `forward(images) -> N x (num_classes + 1) x H/8 x W/8` scores.
 
     name: a classifier backbone (`resnet38d`, its CPU variants: ResNet-38d + ASPP) or `resnet101`
     (DeepLab-v2; `resnet101_tiny` for CPU). num_classes: foreground classes (20 for VOC), the
-    background is channel 0. rates: the ASPP dilations (DeepLab-v2: 6, 12, 18, 24).
+    background is channel 0. rates: the ASPP dilations (DeepLab-v2: 6, 12, 18, 24). dropout: Dropout2d
+    rates in ResNet-38d's b6 and b7 (ResNet-101 has no place for them: only zeros).
     """
     check_segmenter(name)
     options = dict(SEG_VARIANTS[name])
     family = options.pop("family")
+    rates_b67 = tuple(float(rate) for rate in dropout)
+    if len(rates_b67) != 2 or not all(0.0 <= rate < 1.0 for rate in rates_b67):
+        raise UserError(f"model '{name}': dropout must be two rates in [0, 1) (b6, b7), got {dropout}")
     try:
         if family == "resnet101":
+            if any(rates_b67):
+                raise UserError(f"model '{name}': dropout {rates_b67} applies to ResNet-38d's b6 and b7 only")
             return SegResNet101(int(num_classes), rates=tuple(rates), **options)
-        return SegResNet38d(int(num_classes), rates=tuple(rates), **options)
+        return SegResNet38d(int(num_classes), rates=tuple(rates), dropout=rates_b67, **options)
     except ValueError as error:
         raise UserError(f"model '{name}': {error}") from error
 

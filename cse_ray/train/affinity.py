@@ -16,38 +16,38 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from cse_ray import artifacts
 from cse_ray.config import Config, from_dict
 from cse_ray.data.prepare import Split
 from cse_ray.errors import UserError
 from cse_ray.layout import InferLayout, RunLayout
-from cse_ray.train.checkpoints import (
-    TrainState,
-    load_checkpoint,
-    report_checkpoint,
-    report_without_checkpoint,
-    resume_checkpoint,
-    write_torch,
+from cse_ray.train.epoch import run_epoch
+from cse_ray.train.loop import (
+    WorkerRun,
+    begin_epoch,
+    finish,
+    report_epoch,
+    seed_everything,
+    start_run,
+    stop_diverged,
 )
-from cse_ray.train.epoch import EpochContext, run_epoch, worker_print
-from cse_ray.train.loop import WorkerRun, begin_epoch, finish, seed_everything, stop_diverged
-from cse_ray.train.validate import open_writer
 
 SAME_REGION = 0.5  # an affinity above this says "same region" in the validation counts
 
 
-def init_checkpoint(cfg: Config, out: str) -> str:
-    """The weights AffinityNet starts from (`train_aff.init`); empty: random (no `model.pretrained`)."""
+def init_checkpoint(cfg: Config, out: str, section: str = "train_aff") -> str:
+    """The weights a network with a new head starts from (`train_aff.init`, `train_seg.init`): the
+    ImageNet `model.pretrained` (empty: random), or this run's (or the configured) classifier / eraser."""
     run = RunLayout.at(out)
-    init = cfg.train_aff.init
+    init = getattr(cfg, section).init
     if init == "pretrained":
         return cfg.model.pretrained
     path = (cfg.train_cse.classifier or run.stage("train_cam").model if init == "classifier"
             else cfg.infer.checkpoint or run.stage("train_cse").model)
     if not artifacts.exists(path):
-        raise UserError(f"config key train_aff.init: {init}, but {path} does not exist (train it first)")
+        raise UserError(f"config key {section}.init: {init}, but {path} does not exist (train it first)")
     return path
 
 
@@ -89,20 +89,10 @@ class AffinityDataset(Dataset):
         image = read_image(image_path(self.root, name))
         label = read_label_png(self.labels.confident(name), expected_hw=image.shape[:2],
                                what="confident label")
-        long_side = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
-        image = t.resize_long_side(image, long_side, t.BICUBIC)
-        label = t.resize_long_side(label, long_side, t.NEAREST)
-        if rng.random() < 0.5:
-            image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
-        image = t.color_jitter(image, rng, **self.jitter)
-        # One crop for image, label and a validity channel: the padding is 0 in all three, so the
-        # label is 255 there and its pixels vote for nothing in `downsample_labels`.
-        stacked = np.concatenate([t.normalize(image), label[..., None].astype(np.float32),
-                                  np.ones((*label.shape, 1), np.float32)], axis=2)
-        crop = t.random_crop_pad(stacked, rng, self.crop)
-        valid = crop[..., 4] > 0.5
-        label = np.where(valid, crop[..., 3], 255).astype(np.uint8)
-        return (torch.from_numpy(t.to_chw(crop[..., :3])), downsample_labels(label, valid=valid), index)
+        image, label, valid = t.augment_with_label(image, label, rng, self.crop, self.resize_long,
+                                                   self.jitter)
+        # The padding's label is 255 and its pixels vote for nothing in `downsample_labels`.
+        return torch.from_numpy(t.to_chw(image)), downsample_labels(label, valid=valid), index
 
 
 def affinity_losses(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,19 +142,11 @@ def validate_pairs(model, val: Split, cfg: Config, device, rank: int, world: int
 
 def setup(inputs) -> WorkerRun:
     """AffinityNet (initialised, psa's layers frozen), the data, psa's lr groups, and a resume."""
-    import ray.train
-    import ray.train.torch
-
     from cse_ray.models import AFFINITY_HEADS, build_affinity_net, load_weights
     from cse_ray.objective import freeze_eraser_layers
-    from cse_ray.optim import build_optimizer
 
     cfg = from_dict(inputs.config)
     scfg = cfg.train_aff
-    layout = RunLayout.at(inputs.out)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, scfg.cpus_per_worker))
     seed_everything(scfg.seed)
     model = build_affinity_net(cfg.model.backbone, dropout=scfg.dropout)
@@ -172,35 +154,13 @@ def setup(inputs) -> WorkerRun:
         load_weights(model, inputs.classifier, strict=False)  # the affinity heads start fresh
     if scfg.freeze == "reference":
         freeze_eraser_layers(model)
-    model.to(device)
-    if scfg.channels_last:  # NHWC weights; run_epoch sends the batches in the same format
-        model.to(memory_format=torch.channels_last)
+    folder = RunLayout.at(inputs.out).aff_labels
     dataset = AffinityDataset(
-        inputs.train.root, inputs.train.names, layout.aff_labels, scfg.crop, scfg.resize_long,
+        inputs.train.root, inputs.train.names, folder, scfg.crop, scfg.resize_long,
         dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)), scfg.seed)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed,
-                                 drop_last=True)
-    loader = DataLoader(dataset, batch_size=scfg.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=scfg.loader_workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(dataset) // scfg.batch_size
-    optimizer = build_optimizer(model, lr=scfg.lr, weight_decay=scfg.weight_decay,
-                                max_step=steps_per_epoch * scfg.epochs, mode=scfg.momentum_mode,
-                                scratch=AFFINITY_HEADS)
-    paths = layout.stage(inputs.stage)
-    state = TrainState()
-    checkpoint = resume_checkpoint(paths, inputs.stage)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-    trained = ray.train.torch.prepare_model(model) if world > 1 else model
-    ctx = EpochContext(inputs.stage, trained, None, loader, optimizer, device, scfg, 0, steps_per_epoch,
-                       show_progress=rank == 0, bar=inputs.progress_bar, faults=inputs.faults)
     meta = {"stage": inputs.stage, "backbone": cfg.model.backbone, "init": inputs.classifier,
             "init_sha256": inputs.classifier_sha256, "config": inputs.config}
-    writer = open_writer(layout, inputs.stage) if rank == 0 else None
-    if rank == 0 and state.epoch:
-        worker_print(f"train_aff: resuming after epoch {state.epoch} of {scfg.epochs}")
-    return WorkerRun(inputs, cfg, scfg, layout, paths, rank, world, model, ctx, dataset, sampler, state,
-                     meta, writer)
+    return start_run(inputs, cfg, scfg, model, dataset, AFFINITY_HEADS, meta)
 
 
 def train_aff_loop_per_worker(loop_config: dict) -> None:
@@ -220,25 +180,8 @@ def train_aff_loop_per_worker(loop_config: dict) -> None:
         record = {"epoch": epoch + 1, **stats, "val_precision": val["precision"], "val_recall": val["recall"],
                   "val_miou": val["f1"], "val_threshold": SAME_REGION}
         kept = run.state.add_epoch(record, run.scfg.keep)
-        end_epoch(run, record, kept)
+        report_epoch(run, record, kept, (
+            f"train_aff: epoch {run.state.epoch}/{run.scfg.epochs} loss {record['loss']:.4f} val pairs "
+            f"precision {record['val_precision']:.1f} recall {record['val_recall']:.1f} "
+            f"({record['images_per_s']:.1f} img/s)"))
     finish(run)
-
-
-def end_epoch(run: WorkerRun, record: dict, kept: bool) -> None:
-    """Every rank reports; rank 0 prints, logs the scalars, writes model.pth and the checkpoint."""
-    state = run.state
-    metrics = {**record, "best_miou": state.best_miou, "best_epoch": state.best_epoch}
-    if run.rank != 0:
-        report_without_checkpoint(metrics, state.epoch)
-        return
-    worker_print(f"train_aff: epoch {state.epoch}/{run.scfg.epochs} loss {record['loss']:.4f} val pairs "
-                 f"precision {record['val_precision']:.1f} recall {record['val_recall']:.1f} "
-                 f"({record['images_per_s']:.1f} img/s)")
-    for key, value in record.items():
-        if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
-            run.writer.add_scalar(key, value, record["epoch"])
-    run.writer.flush()
-    run.layout.sync_tensorboard(run.stage)
-    if kept:
-        write_torch(run.paths.model, run.model.state_dict())
-    report_checkpoint(run.paths, metrics, run.model, run.ctx.optimizer, state, run.meta)

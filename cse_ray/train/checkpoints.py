@@ -31,17 +31,22 @@ class TrainState:
     epoch: int = 0  # epochs finished
     history: list = field(default_factory=list)
     best_epoch: int = 0
-    best_miou: float = -1.0
-    best_threshold: float = 0.0
+    best_miou: float | None = -1.0
+    best_threshold: float | None = 0.0
 
     def add_epoch(self, record: dict, keep: str) -> bool:
-        """Record a finished epoch; True when it becomes the kept one (`keep`: "last" or "best")."""
+        """Record a finished epoch; True when it becomes the kept one (`keep`: "last" or "best").
+
+        A record without validation (`val_miou` None: train_seg on a list without ground truth) can
+        only be kept as the last one; one without a threshold (`val_threshold` absent) keeps None.
+        """
         self.epoch = record["epoch"]
         self.history.append(record)
-        kept = keep == "last" or record["val_miou"] > self.best_miou
+        miou = record["val_miou"]
+        kept = keep == "last" or (miou is not None and (self.best_miou is None or miou > self.best_miou))
         if kept:
             self.best_epoch, self.best_miou, self.best_threshold = (
-                record["epoch"], record["val_miou"], record["val_threshold"])
+                record["epoch"], miou, record.get("val_threshold"))
         return kept
 
 

@@ -188,6 +188,48 @@ def setup(inputs: StageInputs) -> WorkerRun:
                      meta, writer)
 
 
+def start_run(inputs: StageInputs, cfg: Config, scfg: TrainCamConfig, model: torch.nn.Module,
+              dataset: Dataset, scratch: tuple[str, ...], meta: dict) -> WorkerRun:
+    """The rest of a worker's setup once its network (initialised, frozen) and dataset exist: the
+    device, the sharded loader, psa's lr groups (`scratch`: the new layers), a resume from the newest
+    checkpoint, DDP, and rank 0's TensorBoard writer. The dataset yields (image, label, index)."""
+    import ray.train
+    import ray.train.torch
+
+    from cse_ray.optim import build_optimizer
+
+    stage = inputs.stage
+    layout = RunLayout.at(inputs.out)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model.to(device)
+    if scfg.channels_last:  # NHWC weights; run_epoch sends the batches in the same format
+        model.to(memory_format=torch.channels_last)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=scfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=scfg.loader_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(dataset) // scfg.batch_size
+    optimizer = build_optimizer(model, lr=scfg.lr, weight_decay=scfg.weight_decay,
+                                max_step=steps_per_epoch * scfg.epochs, mode=scfg.momentum_mode,
+                                scratch=scratch)
+    paths = layout.stage(stage)
+    state = TrainState()
+    checkpoint = resume_checkpoint(paths, stage)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+    trained = ray.train.torch.prepare_model(model) if world > 1 else model
+    ctx = EpochContext(stage, trained, None, loader, optimizer, device, scfg, cfg.data.labels.num_classes,
+                       steps_per_epoch, show_progress=rank == 0, bar=inputs.progress_bar,
+                       faults=inputs.faults)
+    writer = open_writer(layout, stage) if rank == 0 else None
+    if rank == 0 and state.epoch:
+        worker_print(f"{stage}: resuming after epoch {state.epoch} of {scfg.epochs}")
+    return WorkerRun(inputs, cfg, scfg, layout, paths, rank, world, model, ctx, dataset, sampler, state,
+                     meta, writer)
+
+
 # ------------------------------------------------------------------------------------------ epochs
 
 
@@ -238,8 +280,28 @@ def end_epoch(run: WorkerRun, record: dict, kept: bool) -> None:
     report_checkpoint(run.paths, metrics, run.model, run.ctx.optimizer, state, run.meta)
 
 
-def finish(run: WorkerRun) -> None:
-    """Rank 0 writes result.json last: its presence means the stage finished."""
+def report_epoch(run: WorkerRun, record: dict, kept: bool, line: str) -> None:
+    """Every rank reports the epoch; rank 0 prints `line`, logs the record's scalars to TensorBoard,
+    writes model.pth (when the epoch is kept) and the checkpoint (the stages without CAM overlays)."""
+    state = run.state
+    metrics = {**record, "best_miou": state.best_miou, "best_epoch": state.best_epoch}
+    if run.rank != 0:
+        report_without_checkpoint(metrics, state.epoch)
+        return
+    worker_print(line)
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
+            run.writer.add_scalar(key, value, record["epoch"])
+    run.writer.flush()
+    run.layout.sync_tensorboard(run.stage)
+    if kept:
+        write_torch(run.paths.model, run.model.state_dict())
+    report_checkpoint(run.paths, metrics, run.model, run.ctx.optimizer, state, run.meta)
+
+
+def finish(run: WorkerRun, extra: dict | None = None) -> None:
+    """Rank 0 writes result.json last: its presence means the stage finished. `extra`: the stage's own
+    keys (train_seg: the network and the labels it learnt from)."""
     if run.rank != 0:
         return
     run.writer.close()
@@ -248,6 +310,6 @@ def finish(run: WorkerRun) -> None:
     summary = {
         "stage": run.stage, "epochs": run.scfg.epochs, "best_epoch": state.best_epoch,
         "best_miou": state.best_miou, "best_threshold": state.best_threshold,
-        "model": run.paths.model, "checkpoints": run.paths.storage, "history": state.history,
+        "model": run.paths.model, "checkpoints": run.paths.storage, **(extra or {}), "history": state.history,
     }
     artifacts.write_json(run.paths.result, summary)

@@ -1,8 +1,9 @@
 """The driver of a training stage: check every input before Ray starts, then run a `TorchTrainer`.
 
 `train_cam` trains the ordinary classifier, `train_cse` the eraser against it, `train_both` one after
-the other. Running the same command again resumes from the latest checkpoint (Ray Train restores the
-run with the same storage path and name), and on a finished run it only says so.
+the other; `train_aff` AffinityNet, `train_seg` the segmentation network on pseudo-labels. Running the
+same command again resumes from the latest checkpoint (Ray Train restores the run with the same storage
+path and name), and on a finished run it only says so.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from cse_ray.config import (
 from cse_ray.data.prepare import Split, load_split, resolve_data_root
 from cse_ray.errors import UserError
 from cse_ray.layout import RunLayout, StageLayout
-from cse_ray.models import check_backbone
+from cse_ray.models import check_backbone, check_segmenter
 from cse_ray.train.affinity import check_confident_labels, init_checkpoint, train_aff_loop_per_worker
 from cse_ray.train.faults import FaultHooks
 from cse_ray.train.loop import train_loop_per_worker
+from cse_ray.train.segmentation import train_seg_loop_per_worker
+from cse_ray.train.segmentation_plan import SegInputs, prepare_seg
+
+LOOPS = {"train_aff": train_aff_loop_per_worker, "train_seg": train_seg_loop_per_worker}
+"""The per-worker function of each stage that is not a CAM stage (those run `train_loop_per_worker`)."""
+METRICS = {"train_aff": "validation pair F1 (affinity)", "train_seg": "validation mIoU"}
 
 
 def train_cam(cfg: Config, out: str) -> dict:
@@ -41,6 +48,12 @@ def train_cse(cfg: Config, out: str) -> dict:
 def train_aff(cfg: Config, out: str) -> dict:
     """Train AffinityNet on the confident labels of `cse-ray aff-labels` (RUN/aff_labels/confident)."""
     return fit_stage("train_aff", cfg, out)
+
+
+def train_seg(cfg: Config, out: str) -> dict:
+    """Train the segmentation network on pseudo-labels (`train_seg.labels`: RUN/rw/ or RUN/pseudo_labels/,
+    or `train_seg.labels_dir`); result.json says which labels it learnt from."""
+    return fit_stage("train_seg", cfg, out)
 
 
 def train_both(cfg: Config, out: str) -> dict:
@@ -68,17 +81,21 @@ class StageInputs:
     classifier_sha256: str = ""  # checkpoints reference the frozen classifier, never copy it
     faults: FaultHooks = FaultHooks()  # test-only (cse_ray.train.faults)
     progress_bar: bool = False  # only when the driver prints to a terminal; logs get plain lines
+    seg: SegInputs | None = None  # train_seg's labels and whether it validates
 
 
 def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
     """All checks that can fail on bad input, before Ray starts (exit code 2 on any of them)."""
     if stage == "train_aff" and cfg.rw.train_list:  # the images that have confident labels
         cfg = with_overrides(cfg, {"data.train_list": cfg.rw.train_list})
+    if stage == "train_seg":  # the images that have pseudo-labels
+        cfg = with_overrides(cfg, {"data.train_list": cfg.train_seg.train_list or cfg.data.infer_list})
+        check_segmenter(cfg.train_seg.network)
     scfg: TrainCamConfig = getattr(cfg, stage)
     check_backbone(cfg.model.backbone)
     root = resolve_data_root(cfg, out)
     train = load_split(cfg, root, "train_list")
-    val = load_split(cfg, root, "val_list", need_masks=True)
+    val = load_split(cfg, root, "val_list", need_masks=stage != "train_seg")  # train_seg: when it has them
     if len(train.names) < scfg.batch_size:
         raise UserError(
             f"config key {stage}.batch_size: {scfg.batch_size} is more than the {len(train.names)} "
@@ -99,8 +116,13 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
         check_confident_labels(out, train.names)
         classifier = init_checkpoint(cfg, out)
         classifier_sha256 = artifacts.file_sha256(classifier) if classifier else ""
+    seg = None
+    if stage == "train_seg":  # `classifier` holds the weights the backbone starts from
+        classifier = init_checkpoint(cfg, out, "train_seg")
+        seg = prepare_seg(cfg, out, train, val, classifier)
+        classifier_sha256 = artifacts.file_sha256(classifier) if classifier else ""
     return StageInputs(stage, to_dict(cfg), out, train, val, classifier, classifier_sha256,
-                       FaultHooks.from_env(), progress_bar=sys.stderr.isatty())
+                       FaultHooks.from_env(), progress_bar=sys.stderr.isatty(), seg=seg)
 
 
 def check_same_classifier(stage: StageLayout, classifier: str) -> str:
@@ -134,7 +156,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
     if artifacts.exists(paths.result):
         summary = artifacts.read_json(paths.result)
         print(f"{stage}: already finished in {out} (kept epoch {summary['best_epoch']}, "
-              f"mIoU {summary['best_miou']:.2f}); nothing to do")
+              f"mIoU {_number(summary['best_miou'])}); nothing to do")
         return summary
     inputs = prepare_stage(stage, cfg, out)
     save_run_config(cfg, out)
@@ -153,7 +175,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
         use_gpu = resources_per_worker.get("GPU", 0) > 0
     artifacts.remove(paths.failed)  # a diverged earlier attempt; this one starts from its last checkpoint
     trainer = TorchTrainer(
-        train_aff_loop_per_worker if stage == "train_aff" else train_loop_per_worker,
+        LOOPS.get(stage, train_loop_per_worker),
         train_loop_config={"inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker,
@@ -172,10 +194,16 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
     if artifacts.exists(paths.failed):
         raise RuntimeError(artifacts.read_json(paths.failed)["message"])
     summary = artifacts.read_json(paths.result)
-    metric = "validation pair F1 (affinity)" if stage == "train_aff" else "validation CAM mIoU"
+    threshold = summary["best_threshold"]
     print(
-        f"{stage}: done. kept epoch {summary['best_epoch']} ({scfg.keep}) with {metric} "
-        f"{summary['best_miou']:.2f} (threshold {summary['best_threshold']:.2f}); "
+        f"{stage}: done. kept epoch {summary['best_epoch']} ({scfg.keep}) with "
+        f"{METRICS.get(stage, 'validation CAM mIoU')} {_number(summary['best_miou'])}"
+        f"{'' if threshold is None else f' (threshold {threshold:.2f})'}; "
         f"model {summary['model']}; checkpoints under {summary['checkpoints']}"
     )
     return summary
+
+
+def _number(value: float | None) -> str:
+    """A metric of result.json for a line: None (train_seg without ground truth) is "none"."""
+    return "none" if value is None else f"{value:.2f}"
