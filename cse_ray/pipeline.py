@@ -5,8 +5,12 @@
       -> train-cse: the eraser against it          [-> the w = 0 control, when pipeline.control]
       -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF on the inference
          list and val
-      [-> pipeline.rw: confident labels on the training list, train-aff, the random walk on val]
-      -> evaluate every model on val -> pseudo-labels at the chosen alpha/threshold -> report
+      [-> pipeline.rw: confident labels on the training list, train-aff, the random walk of the
+          training list and of val]
+      -> evaluate every model on val -> pseudo-labels at the chosen alpha/threshold
+      [-> pipeline.seg: train-seg on the pseudo-labels (train_seg.labels: the walk's or pseudo_labels/),
+          cse-ray predict on val]
+      -> report
 
 Every path is `cse_ray.layout.RunLayout`'s; report.json is written last, so it marks a finished run.
 """
@@ -41,6 +45,8 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     cfg = with_overrides(cfg, {"data.root": root})  # later stages reuse it as is
     val = load_split(cfg, root, "val_list", need_masks=True)
     infer_split = load_split(cfg, root, "infer_list")
+    if cfg.pipeline.seg:
+        seg_overrides(cfg, run)  # refuses an impossible label source before any training
     save_run_config(cfg, run.root)
     _check_gpus(cfg)
 
@@ -71,6 +77,8 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     written = write_pseudo_labels(run.root, list(infer_split.names), source, value, cfg)
     if written.missing:
         raise RuntimeError(f"pseudo-labels: {written.missing} images have no stored CAM or CRF output")
+    if cfg.pipeline.seg:
+        results = segmentation_stage(cfg, run, root, val.names, results)
     return finish(cfg, run, root, val.names, results, val_out, source, value, len(infer_split.names))
 
 
@@ -80,6 +88,7 @@ def _check_gpus(cfg: Config) -> None:
 
     stages = ("train_cse", "infer") if cfg.train_cse.classifier else ("train_cam", "train_cse", "infer")
     stages += ("train_aff", "rw") if cfg.pipeline.rw else ()
+    stages += ("train_seg", "predict") if cfg.pipeline.seg else ()
     if any(getattr(cfg, stage).use_gpu == "true" for stage in stages):
         ensure_ray()
         check_use_gpu({f"{stage}.use_gpu": getattr(cfg, stage).use_gpu for stage in stages})
@@ -87,16 +96,55 @@ def _check_gpus(cfg: Config) -> None:
 
 def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLayout) -> None:
     """psa's refinement of the eraser's CAMs: confident labels on the affinity training list,
-    AffinityNet on Ray Train, then the random walk of the validation images' stored CAMs."""
+    AffinityNet on Ray Train, then the random walk of the training images (the CAMs the confident
+    labels came from: the labels a segmentation network learns from) and of the validation images."""
     from cse_ray.infer import run_rw, write_confident_labels
     from cse_ray.train import train_aff
 
     write_confident_labels(cfg, run.root, checkpoint=eraser, progress=False)
     train_aff(cfg, run.root)
-    summary = run_rw(cfg, val_out.root, checkpoint=run.stage("train_aff").model, list_name=cfg.data.val_list,
-                     progress=False)
+    affinity = run.stage("train_aff").model
+    for folder, names in ((run.aff_labels, _affinity_list(cfg)), (val_out, cfg.data.val_list)):
+        summary = run_rw(cfg, folder.root, checkpoint=affinity, list_name=names, progress=False)
+        if summary.failed:
+            raise RuntimeError(f"rw: {summary.failed} images of {names} failed: {summary.errors}")
+
+
+def _affinity_list(cfg: Config) -> str:
+    """The images AffinityNet learns from, which get confident labels and the training walk."""
+    return cfg.rw.train_list or cfg.data.train_list
+
+
+def segmentation_stage(cfg: Config, run: RunLayout, root: str, val_names, results):
+    """The segmentation network on the pseudo-labels, then `cse-ray predict` on the validation list
+    and its evaluation: `seg_miou` is computed from exactly the PNGs predict writes."""
+    from dataclasses import replace
+
+    from cse_ray.infer import run_predict
+    from cse_ray.train import train_seg
+
+    seg_cfg = with_overrides(cfg, seg_overrides(cfg, run))
+    train_seg(seg_cfg, run.root)
+    summary = run_predict(seg_cfg, run.seg.root, checkpoint=run.stage("train_seg").model,
+                          names=list(val_names), root=root, progress=False)
     if summary.failed:
-        raise RuntimeError(f"rw: {summary.failed} validation images failed: {summary.errors}")
+        raise RuntimeError(f"predict: {summary.failed} validation images failed: {summary.errors}")
+    seg = _evaluate_once(cfg, run, root, val_names, "seg", run.seg.root, "label")
+    return replace(results, seg=seg)
+
+
+def seg_overrides(cfg: Config, run: RunLayout) -> dict:
+    """Where the pipeline's segmentation network finds its labels and images (train_seg.labels)."""
+    t = cfg.train_seg
+    if t.labels_dir:
+        return {}
+    if t.labels == "rw":
+        if not cfg.pipeline.rw:
+            raise UserError("config key train_seg.labels: rw, but pipeline.rw is false (no random walk "
+                            "runs); turn it on, or use train_seg.labels=pseudo or train_seg.labels_dir")
+        return {"train_seg.labels_dir": run.aff_labels.rw_dir, "train_seg.train_list": _affinity_list(cfg)}
+    return {"train_seg.labels_dir": run.infer.pseudo_dir,
+            "train_seg.train_list": t.train_list or cfg.data.infer_list}
 
 
 def control_config(cfg: Config, classifier: str) -> Config:
@@ -112,17 +160,10 @@ def evaluate_run(cfg: Config, run: RunLayout, root: str, val_names, val_out: Inf
     Evaluation is one cheap pass over the files, so a rerun recomputes it rather than trusting a
     stale report.
     """
-    from cse_ray.evaluate import evaluate, write_reports
     from cse_ray.report import PipelineResults
 
-    gt_dir, labels = _gt_dir(cfg, root), cfg.data.labels
-    grid = thresholds(cfg.evaluate)
-
     def once(stem: str, pred_dir: str, task: str):
-        result = evaluate(pred_dir, gt_dir, list(val_names), task=task,
-                          thresholds=grid if task == "cam" else None, labels=labels)
-        write_reports(result, run.eval_json(stem), log_dir=str(Path(run.tensorboard("eval"), stem)))
-        return result
+        return _evaluate_once(cfg, run, root, val_names, stem, pred_dir, task)
 
     ordinary_cam = once("ordinary_cam", (ordinary or run.ordinary).cams_dir, "cam")
     cse_cam = once("cse_cam", val_out.cams_dir, "cam")
@@ -131,6 +172,16 @@ def evaluate_run(cfg: Config, run: RunLayout, root: str, val_names, val_out: Inf
     control = once("control_cam", run.control.infer.cams_dir, "cam") if cfg.pipeline.control else None
     rw = once("rw", val_out.rw_dir, "label") if cfg.pipeline.rw else None
     return PipelineResults(ordinary_cam, cse_cam, crf, control, rw)
+
+
+def _evaluate_once(cfg: Config, run: RunLayout, root: str, val_names, stem: str, pred_dir: str, task: str):
+    """One evaluation on the validation list, written to RUN/eval/STEM.* and TensorBoard."""
+    from cse_ray.evaluate import evaluate, write_reports
+
+    result = evaluate(pred_dir, _gt_dir(cfg, root), list(val_names), task=task,
+                      thresholds=thresholds(cfg.evaluate) if task == "cam" else None, labels=cfg.data.labels)
+    write_reports(result, run.eval_json(stem), log_dir=str(Path(run.tensorboard("eval"), stem)))
+    return result
 
 
 def _pseudo_choice(cfg: Config, results) -> tuple[str, float]:
@@ -156,8 +207,12 @@ def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: 
         columns["OC-CSE + CRF"] = ("label", val_out.crf_dir(best_alpha))
     if results.rw is not None:
         columns["OC-CSE + RW"] = ("label", val_out.rw_dir)
+    if results.seg is not None:
+        columns["segmentation network"] = ("label", run.seg.root)
     write_contact_sheet(run, root, list(val_names), columns, _gt_dir(cfg, root))
     report = report_dict(results, run.root, num_pseudo, source, value)
+    if results.seg is not None:
+        report["seg_labels"] = cfg.train_seg.labels_dir or cfg.train_seg.labels
     run.sync_tensorboard("eval", final=True)
     write_report(report, run)
     print(summary_table(report))

@@ -24,6 +24,7 @@ class PipelineResults:
     cse_crf: dict[float, EvalResult]  # alpha -> label evaluation
     control_cam: EvalResult | None = None  # the w = 0 control, when the config asks for it
     rw: EvalResult | None = None  # the random walk's label maps, when pipeline.rw
+    seg: EvalResult | None = None  # the segmentation network's predictions, when pipeline.seg
 
     @property
     def best_alpha(self) -> float | None:
@@ -46,6 +47,9 @@ def report_dict(results: PipelineResults, out: str, num_pseudo: int, source: str
         report["gain_over_control"] = round(results.cse_cam.miou - results.control_cam.miou, 3)
     if results.rw is not None:
         report["rw_miou"] = round(results.rw.miou, 3)
+    if results.seg is not None:
+        report["seg_miou"] = round(results.seg.miou, 3)
+        report["seg_per_class"] = {name: round(iou, 3) for name, iou in results.seg.per_class.items()}
     report.update({
         "ordinary_threshold": results.ordinary_cam.threshold,
         "gain": round(results.cse_cam.miou - results.ordinary_cam.miou, 3),
@@ -74,6 +78,8 @@ def summary_table(report: dict) -> str:
     ]
     if report.get("rw_miou") is not None:
         rows.append(("OC-CSE + random walk", f"{report['rw_miou']:.2f}", "-"))
+    if report.get("seg_miou") is not None:
+        rows.append(("segmentation network", f"{report['seg_miou']:.2f}", f"labels: {report['seg_labels']}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  mIoU (%)  chosen on val", f"{'-' * width}  --------  -------------"]
     lines += [f"{name:{width}}  {miou:>8}  {choice}" for name, miou, choice in rows]
@@ -89,6 +95,10 @@ def report_markdown(report: dict) -> str:
     lines = ["# cse-ray pipeline report", "", "```", summary_table(report), "```", "",
              "| CRF alpha | mIoU (%) |", "|---|---|"]
     lines += [f"| {alpha} | {miou:.2f} |" for alpha, miou in report["crf_miou_by_alpha"].items()]
+    if report.get("seg_per_class"):
+        lines += ["", "Segmentation network, IoU per class on the validation list:", "",
+                  "| class | IoU (%) |", "|---|---|"]
+        lines += [f"| {name} | {iou:.2f} |" for name, iou in report["seg_per_class"].items()]
     lines += ["", f"Note: {report['note']}.", "",
               "Per-stage details: `eval/*.md`, curves `eval/*.curve.png`, the contact sheet "
               "`contact_sheet.png`, TensorBoard logs under `tensorboard/`.", ""]
