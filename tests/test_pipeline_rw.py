@@ -79,8 +79,9 @@ def test_pipeline_with_the_random_walk_and_the_segmentation_network(ray_session,
     assert "segmentation network" in (out / "report.md").read_text()
     val = read_list(out / "data/ImageSets/Segmentation/val.txt")
     again = tmp_path / "predicted"
-    argv = ["predict", "--config", str(out / "config.yaml"), "--checkpoint", str(out / "train_seg" / "model.pth"),
-            "--list", "val", "--root", str(out / "data"), "--out", str(again)]
+    argv = ["predict", "--config", str(out / "config.yaml"), "--checkpoint",
+            str(out / "train_seg" / "model.pth"), "--list", "val", "--root", str(out / "data"),
+            "--out", str(again)]
     assert main(argv) == 0, capsys.readouterr().err
     for name in val:
         np.testing.assert_array_equal(np.array(Image.open(again / f"{name}.png")),
