@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"salience of the body, 0..1 (default {d.body_strength:g})")
     synth.add_argument("--body-texture", choices=("class", "family"), default=d.body_texture,
                        help="family: a colour family shares one body texture (docs/SYNTHETIC.md)")
+    synth.add_argument("--partless", type=float, default=d.partless,
+                       help=f"share of training objects without their part, 0..1 (default {d.partless:g})")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> None:
         generate(
             args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
             part_strength=args.part_strength, body_strength=args.body_strength,
-            body_texture=args.body_texture,
+            body_texture=args.body_texture, partless=args.partless,
         )
         print(f"synthetic dataset ({args.layout} layout) written to {args.out}")
     elif args.command == "data" and args.data_command == "coco":

@@ -137,6 +137,32 @@ def test_hidden_parts_render_the_same_scene_without_the_part() -> None:
         assert np.array_equal(faint.image, hidden.image)  # strength 0 means no part at all
 
 
+def test_partless_training_objects_lose_their_part_and_nothing_else() -> None:
+    """`partless`: that share of training objects shows no part (the same scene, the part painted as
+    body, absent from the part map); validation scenes are untouched."""
+    everything = synth.make_options(partless=1.0, part_masks=True)
+    for index in range(4):
+        hidden = synth.render_sample(5, "train", index, 112, synth.make_options(hide_parts=True))
+        partless = synth.render_sample(5, "train", index, 112, everything)
+        assert np.array_equal(partless.image, hidden.image) and np.array_equal(partless.label, hidden.label)
+        assert not partless.parts.any()
+        shown = synth.render_sample(5, "val", index, 112, synth.make_options(part_masks=True))
+        assert np.array_equal(synth.render_sample(5, "val", index, 112, everything).image, shown.image)
+    half = synth.make_options(partless=0.5)
+    lost = kept = 0
+    for index in range(30):
+        shown = synth.render_sample(2, "train", index, 96)
+        sample = synth.render_sample(2, "train", index, 96, half)
+        assert np.array_equal(sample.label, shown.label)
+        for obj in shown.objects:
+            has_part = bool((sample.parts == obj.class_index + 1).any())
+            part = shown.parts == obj.class_index + 1
+            assert np.array_equal(sample.image[part], shown.image[part]) == has_part
+            lost += not has_part
+            kept += has_part
+    assert 0.3 < lost / (lost + kept) < 0.7
+
+
 def test_part_covers_the_requested_fraction_of_each_object() -> None:
     for fraction in (0.05, 0.12):
         options = synth.make_options(part_fraction=fraction)
@@ -191,6 +217,7 @@ def test_family_texture_changes_only_the_bodies_whose_class_texture_differs() ->
     [
         ({"part_strength": 1.5}, "part_strength"),
         ({"body_texture": "shared"}, "body_texture"),
+        ({"partless": -0.1}, "partless"),
         ({"max_objects": 4}, "max_objects"),
         ({"colour": 1}, "colour"),
     ],
@@ -208,18 +235,18 @@ def test_defaults_are_the_configs() -> None:
         "train": config.train, "val": config.val, "size": config.size, "seed": config.seed,
     }
     options = synth.SynthOptions()
-    assert (options.part_strength, options.body_strength, options.body_texture) == (
-        config.part_strength, config.body_strength, config.body_texture,
+    assert (options.part_strength, options.body_strength, options.body_texture, options.partless) == (
+        config.part_strength, config.body_strength, config.body_texture, config.partless,
     )
 
 
 def test_a_config_writes_the_same_set_as_its_values(tmp_path: Path) -> None:
     config = SynthConfig(
-        enabled=True, train=3, val=1, size=48, seed=2, body_strength=0.5, body_texture="family"
+        enabled=True, train=3, val=1, size=48, seed=2, body_strength=0.5, body_texture="family", partless=0.5
     )
     from_config = synth.generate_from_config(tmp_path / "config", config)
     direct = synth.generate(tmp_path / "direct", train=3, val=1, size=48, seed=2, body_strength=0.5,
-                            body_texture="family")
+                            body_texture="family", partless=0.5)
     assert from_config["options"] == direct["options"] and from_config["options"]["body_texture"] == "family"
     assert read_tree(tmp_path / "config") == read_tree(tmp_path / "direct")
 

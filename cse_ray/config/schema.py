@@ -38,6 +38,7 @@ class SynthConfig:
     part_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
     body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
     body_texture: str = field(default="class", metadata=_choices("class", "family"))
+    partless: float = field(default=0.0, metadata=_range(0.0, 1.0))  # training objects without a part
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _synthetic_coco(root: str, synth) -> None:
     raw = Path(root, "coco2014")
     generate_coco(raw, train=synth.train, val=synth.val, size=synth.size, seed=synth.seed,
                   part_strength=synth.part_strength, body_strength=synth.body_strength,
-                  body_texture=synth.body_texture)
+                  body_texture=synth.body_texture, partless=synth.partless)
     convert(raw, root, workers=0, progress=False)
 
 

@@ -1,7 +1,7 @@
 """The synthetic set's design options: what each one means, their ranges, and how to build them.
 
-The three options a config can set (`data.synth.part_strength`, `body_strength`, `body_texture`) take
-their defaults from `config.SynthConfig`, the one owner of the synthetic set's defaults.
+The four options a config can set (`data.synth.part_strength`, `body_strength`, `body_texture`,
+`partless`) take their defaults from `config.SynthConfig`, the one owner of the synthetic set's defaults.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class SynthOptions:
     hide_parts: bool = False
     part_masks: bool = False
     body_texture: str = SynthConfig.body_texture
+    partless: float = SynthConfig.partless
 
     def validate(self) -> SynthOptions:
         def bad(key: str, why: str) -> UserError:
@@ -58,6 +59,8 @@ class SynthOptions:
             raise bad("aspect_range", "need 0.25 <= low <= high <= 4")
         if not 0 <= self.ignore_width <= 8:
             raise bad("ignore_width", "must lie in 0..8")
+        if not 0.0 <= self.partless <= 1.0:
+            raise bad("partless", "must lie in [0, 1]")
         if self.body_texture not in BODY_TEXTURES:
             raise bad("body_texture", f"must be one of {', '.join(BODY_TEXTURES)}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -83,6 +86,8 @@ OPTION_HELP: dict[str, str] = {
     "hide_parts": "paint parts as body: the same scenes without the discriminative cue (diagnostics)",
     "body_texture": "'class': each class has its own body texture; 'family': the classes of a colour "
     "family share one texture, so only the silhouette (seen from afar) and the part tell them apart",
+    "partless": "0..1: the share of training-split objects drawn without their part (as if it were occluded "
+    "or out of frame), so that bodies alone are class evidence; validation objects always show theirs",
     "part_masks": "also write SegmentationPart/NAME.png (class index + 1 on part pixels) for diagnostics",
 }
 

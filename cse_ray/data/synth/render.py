@@ -131,8 +131,9 @@ class SynthSample:
     objects: list[SynthObject]
 
 
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
+def _sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    key = [int(seed), SPLITS.index(split), int(index)]
+    return np.random.default_rng(key + [stream] if stream else key)
 
 
 def _background(
@@ -266,7 +267,7 @@ def _place(
 
 def _paint(
     img: np.ndarray, rng: np.random.Generator, look: ClassLook, app: _Appearance, opts: SynthOptions,
-    u: np.ndarray, v: np.ndarray, body: np.ndarray, outer: np.ndarray, inner: np.ndarray,
+    u: np.ndarray, v: np.ndarray, body: np.ndarray, outer: np.ndarray, inner: np.ndarray, hidden: bool,
 ) -> None:
     """Body: family colour (desaturated by body_strength), class texture, shading and noise; then the part
     (unless hidden). The noise is drawn whether or not the part is hidden."""
@@ -278,7 +279,7 @@ def _paint(
     shading = 1.0 + 0.12 * ((u * math.cos(app.shade_angle) + v * math.sin(app.shade_angle)) / max(app.a, 1.0))
     body_pixels = rgb[None, :] * (modulation[body] * shading[body])[:, None]
     img[body] = body_pixels + rng.normal(0, opts.body_noise, body_pixels.shape).astype(np.float32)
-    if not opts.hide_parts:
+    if not hidden:
         for region, colour_name in ((outer, look.part_outer), (inner, look.part_inner)):
             colour = np.asarray(PART_COLOURS[colour_name], np.float32)
             img[region] = img[region] + opts.part_strength * (colour - img[region])
@@ -310,7 +311,10 @@ def render_sample(
     label = np.zeros((height, width), np.uint8)
     parts = np.zeros((height, width), np.uint8)
     placed: list[_Placed] = []
-    for class_index in classes:
+    # Which objects lose their part: a stream of its own, so the scene's draws are the same for any
+    # `partless` (a partless object is its part-showing self with the part painted as body).
+    partless = _sample_rng(seed, split, index, stream=1).random(len(classes)) < opts.partless
+    for class_index, no_part in zip(classes, partless):
         look = CLASS_LOOKS[int(class_index)]
         app = _draw_appearance(rng, look, opts, short, shrink, size)
         pose = _place(rng, look.shape, app, ys, xs, placed)
@@ -321,10 +325,12 @@ def render_sample(
             other.visible &= ~body
         outer = dist <= app.part_radius
         inner = dist <= app.part_radius * 0.5
-        _paint(img, rng, look, app, opts, u, v, body, outer, inner)
+        lost = split == "train" and bool(no_part)  # no part at all, not even in the part map
+        _paint(img, rng, look, app, opts, u, v, body, outer, inner, opts.hide_parts or lost)
         label[body] = class_index + 1
         parts[body] = 0
-        parts[outer] = class_index + 1
+        if not lost:
+            parts[outer] = class_index + 1
         placed.append(_Placed(int(class_index), body.copy(), dist, app.part_radius))
 
     image = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
