@@ -262,3 +262,19 @@ def test_annotation_xml_escapes_and_lays_out_like_voc() -> None:
         "1", "2", "30", "40",
     ]
     assert "\t\t\t<xmin>1</xmin>" in text
+
+
+def test_a_set_written_before_an_option_existed_is_still_the_same_set(tmp_path) -> None:
+    """synth.json without `partless` (sets written before it existed) means partless 0: no regeneration."""
+    from cse_ray.data.synth.write import PARAMS_FILE
+
+    root = tmp_path / "voc"
+    synth.generate(str(root), train=2, val=1, size=48, seed=0)
+    params = json.loads((root / PARAMS_FILE).read_text())
+    del params["options"]["partless"]
+    (root / PARAMS_FILE).write_text(json.dumps(params))
+    before = (root / "JPEGImages").stat().st_mtime_ns
+    synth.generate(str(root), train=2, val=1, size=48, seed=0)  # the same set: nothing rewritten
+    assert (root / "JPEGImages").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="other parameters"):
+        synth.generate(str(root), train=2, val=1, size=48, seed=0, partless=0.5)

@@ -29,7 +29,7 @@ from cse_ray.config import SynthConfig
 from cse_ray.data import coco
 from cse_ray.data.synth.options import SynthOptions, make_options
 from cse_ray.data.synth.render import SPLITS, SynthSample, grow, render_sample
-from cse_ray.data.synth.write import FORMAT_VERSION, PARAMS_FILE, PARTIAL_FILE, check_arguments
+from cse_ray.data.synth.write import FORMAT_VERSION, PARAMS_FILE, PARTIAL_FILE, check_arguments, read_params
 from cse_ray.errors import UserError
 from cse_ray.formats import encode_jpeg
 from cse_ray.labels import VOC
@@ -203,20 +203,13 @@ def _params(train: int, val: int, size: int, seed: int, options: SynthOptions) -
     return json.loads(json.dumps(record, sort_keys=True))
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _prepare_folder(root: Path, params: dict, overwrite: bool) -> bool:
     """False when `root` already holds this set; else empty what an earlier run of this generator left
     (never anything else) and say True."""
-    done = _read_json(root / PARAMS_FILE)
+    done = read_params(root / PARAMS_FILE)
     if done == params:
         return False
-    partial = _read_json(root / PARTIAL_FILE)
+    partial = read_params(root / PARTIAL_FILE)
     if root.exists() and any(root.iterdir()):
         if done is None and partial is None:
             raise UserError(f"{root}: folder already holds other files; choose a new or empty --out")

@@ -97,11 +97,20 @@ def _params(train: int, val: int, size: int, seed: int, options: SynthOptions) -
     return json.loads(json.dumps(record, sort_keys=True))
 
 
-def _read_json(path: Path) -> dict | None:
+# Options added after sets were written, with what their absence means: a set written before an option
+# existed was made with its neutral value, so it still counts as the same set.
+OPTIONS_ADDED_LATER = {"partless": 0.0}
+
+
+def read_params(path: Path) -> dict | None:
+    """A synth.json (or its partial twin) as `_params` would build it today; None when unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        params = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if isinstance(params, dict) and isinstance(params.get("options"), dict):
+        params["options"] = {**OPTIONS_ADDED_LATER, **params["options"]}
+    return params
 
 
 def _write_json(path: Path, params: dict) -> None:
@@ -110,10 +119,10 @@ def _write_json(path: Path, params: dict) -> None:
 
 def _prepare_folder(root: Path, params: dict, overwrite: bool) -> bool | None:
     """None when `root` already holds this set; else make it ready and say whether to resume."""
-    done = _read_json(root / PARAMS_FILE)
+    done = read_params(root / PARAMS_FILE)
     if done == params:
         return None
-    partial = _read_json(root / PARTIAL_FILE)
+    partial = read_params(root / PARTIAL_FILE)
     resuming = partial == params and done is None
     if root.exists() and not resuming and any(root.iterdir()):
         if done is None and partial is None:  # never delete what this generator did not write
