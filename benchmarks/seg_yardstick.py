@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
     weak = with_overrides(cfg, seg_overrides(cfg, run))  # the pipeline's own train list and labels
     train_list = weak.train_seg.train_list
     gt_dir = str(Path(root, "SegmentationClass"))
-    full = with_overrides(cfg, {"train_seg.labels_dir": gt_dir, "train_seg.train_list": train_list})
+    full = with_overrides(cfg, {
+        "train_seg.labels_dir": gt_dir, "train_seg.train_list": train_list,
+        # train_seg.init classifier / eraser: the run's own networks, as for the weakly supervised one
+        "train_cse.classifier": cfg.train_cse.classifier or run.stage("train_cam").model,
+        "infer.checkpoint": cfg.infer.checkpoint or run.stage("train_cse").model,
+    })
     train_seg(full, out.root)
     val_names = read_list(list_path(root, cfg.data.val_list))
     run_predict(full, out.seg.root, checkpoint=out.stage("train_seg").model, names=val_names, root=root,
