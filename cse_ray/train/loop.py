@@ -93,6 +93,9 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
     def __getitem__(self, index: int):
         image, label = self.base[index]
         return image, label, index
@@ -129,19 +132,15 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(inputs: StageInputs) -> WorkerRun:
-    """Networks, data, optimiser, and the newest checkpoint if this is a restart or a resume."""
-    import ray.train
+    """Networks and data of train_cam / train_cse; `start_run` adds the optimiser, DDP and a resume."""
     import ray.train.torch
 
     from cse_ray.data.datasets import TrainDataset
-    from cse_ray.optim import CLASSIFIER_SCRATCH, ERASER_SCRATCH, build_optimizer
+    from cse_ray.optim import CLASSIFIER_SCRATCH, ERASER_SCRATCH
 
     stage = inputs.stage
     cfg = from_dict(inputs.config)
     scfg: TrainCamConfig = getattr(cfg, stage)
-    layout = RunLayout.at(inputs.out)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, scfg.cpus_per_worker))
     seed_everything(scfg.seed)  # the same initial weights on every rank
@@ -156,43 +155,19 @@ def setup(inputs: StageInputs) -> WorkerRun:
         resize_long=scfg.resize_long, seed=scfg.seed, space=cfg.data.labels,
         jitter_strength=dict(zip(("brightness", "contrast", "saturation", "hue"), scfg.jitter)),
     )
-    sampler = DistributedSampler(
-        IndexedDataset(dataset), num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed, drop_last=True
-    )
-    loader = DataLoader(
-        IndexedDataset(dataset), batch_size=scfg.batch_size // world, sampler=sampler, drop_last=True,
-        num_workers=scfg.loader_workers, pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = len(dataset) // scfg.batch_size
-    optimizer = build_optimizer(
-        model, lr=scfg.lr, weight_decay=scfg.weight_decay, max_step=steps_per_epoch * scfg.epochs,
-        mode=scfg.momentum_mode, scratch=CLASSIFIER_SCRATCH if stage == "train_cam" else ERASER_SCRATCH,
-    )
-    paths = layout.stage(stage)
-    state = TrainState()
-    checkpoint = resume_checkpoint(paths, stage)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-    trained = ray.train.torch.prepare_model(model) if world > 1 else model
-    ctx = EpochContext(
-        stage, trained, frozen, loader, optimizer, device, scfg, cfg.data.labels.num_classes,
-        steps_per_epoch, show_progress=rank == 0,
-        bar=inputs.progress_bar, faults=inputs.faults,
-    )
     meta = {"stage": stage, "backbone": cfg.model.backbone, "classifier": inputs.classifier,
             "classifier_sha256": inputs.classifier_sha256, "config": inputs.config}
-    writer = open_writer(layout, stage) if rank == 0 else None
-    if rank == 0 and state.epoch:
-        worker_print(f"{stage}: resuming after epoch {state.epoch} of {scfg.epochs}")
-    return WorkerRun(inputs, cfg, scfg, layout, paths, rank, world, model, ctx, dataset, sampler, state,
-                     meta, writer)
+    scratch = CLASSIFIER_SCRATCH if stage == "train_cam" else ERASER_SCRATCH
+    return start_run(inputs, cfg, scfg, model, IndexedDataset(dataset), scratch, meta, frozen=frozen)
 
 
 def start_run(inputs: StageInputs, cfg: Config, scfg: TrainCamConfig, model: torch.nn.Module,
-              dataset: Dataset, scratch: tuple[str, ...], meta: dict) -> WorkerRun:
+              dataset: Dataset, scratch: tuple[str, ...], meta: dict,
+              frozen: torch.nn.Module | None = None) -> WorkerRun:
     """The rest of a worker's setup once its network (initialised, frozen) and dataset exist: the
     device, the sharded loader, psa's lr groups (`scratch`: the new layers), a resume from the newest
-    checkpoint, DDP, and rank 0's TensorBoard writer. The dataset yields (image, label, index)."""
+    checkpoint, DDP, and rank 0's TensorBoard writer. The dataset yields (image, label, index);
+    `frozen` is train_cse's fixed classifier, already on the device."""
     import ray.train
     import ray.train.torch
 
@@ -220,7 +195,7 @@ def start_run(inputs: StageInputs, cfg: Config, scfg: TrainCamConfig, model: tor
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
     trained = ray.train.torch.prepare_model(model) if world > 1 else model
-    ctx = EpochContext(stage, trained, None, loader, optimizer, device, scfg, cfg.data.labels.num_classes,
+    ctx = EpochContext(stage, trained, frozen, loader, optimizer, device, scfg, cfg.data.labels.num_classes,
                        steps_per_epoch, show_progress=rank == 0, bar=inputs.progress_bar,
                        faults=inputs.faults)
     writer = open_writer(layout, stage) if rank == 0 else None
