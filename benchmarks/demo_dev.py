@@ -145,7 +145,7 @@ def _batches(dataset: TrainDataset, seed: int, epoch: int, batch: int = 8):
 
 def train(dataset: TrainDataset, backbone: str, epochs: int, lr: float, seed: int, out: Path,
           classifier: str | None = None, weight: tuple[float, float] = (1.0, 0.0),
-          normalize_mask: str = "batch", log=print) -> None:
+          normalize_mask: str = "batch", head_lr: str = "x10", log=print) -> None:
     """The ordinary classifier (classifier=None) or an eraser against it; out.epN after every epoch."""
     torch.manual_seed(seed)
     dropout = (0.2, 0.2) if classifier is None else (0.3, 0.5)
@@ -156,8 +156,9 @@ def train(dataset: TrainDataset, backbone: str, epochs: int, lr: float, seed: in
         freeze_eraser_layers(model)
         frozen = freeze_classifier(_load(classifier, backbone))
     steps = len(dataset) // 8
+    scratch = CLASSIFIER_SCRATCH if frozen is None and head_lr == "x10" else ERASER_SCRATCH
     optimizer = build_optimizer(model, lr=lr, weight_decay=5e-4, max_step=steps * epochs, mode="fixed",
-                                scratch=CLASSIFIER_SCRATCH if frozen is None else ERASER_SCRATCH)
+                                scratch=scratch)
     for epoch in range(epochs):
         start, totals = time.perf_counter(), {}
         w = weight[0] + weight[1] * epoch
@@ -199,6 +200,7 @@ def main() -> None:
     tr.add_argument("--train-images", type=int, default=1500)
     tr.add_argument("--cam-epochs", type=int, default=12)
     tr.add_argument("--cam-lr", type=float, default=0.1)
+    tr.add_argument("--cam-head-lr", choices=("x10", "x1"), default="x10", help="as train_cam.head_lr")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--cse", nargs="*", default=[], help="erasers: w=W,slope=S,ep=E,lr=LR,norm=batch|image")
     args = parser.parse_args()
@@ -228,9 +230,11 @@ def main() -> None:
                            resize_long=(112, 144), seed=args.seed, jitter_strength=JITTER)
     scenes = dev_split(design, args.dev_images)
     stem = f"{_key(design)}_n{args.train_images}_e{args.cam_epochs}_lr{args.cam_lr}_s{args.seed}"
+    stem += "_head1x" if args.cam_head_lr == "x1" else ""
     classifier = work / f"cam_{stem}.pth"
     if not classifier.is_file():
-        train(dataset, args.backbone, args.cam_epochs, args.cam_lr, args.seed, classifier)
+        train(dataset, args.backbone, args.cam_epochs, args.cam_lr, args.seed, classifier,
+              head_lr=args.cam_head_lr)
     ordinary = measure(str(classifier), scenes, str(classifier), args.backbone)
     print("ordinary", json.dumps(ordinary), flush=True)
     for spec in args.cse:

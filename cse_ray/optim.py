@@ -16,6 +16,7 @@ from torch import nn
 from cse_ray.models import param_groups, unwrap
 
 OPTIMIZER_MODES = ("faithful", "fixed")
+HEAD_LR_MODES = ("x10", "x1")  # the new head at psa's x10 / x20, or with the backbone
 FIXED_MOMENTUM = 0.9
 POLY_POWER = 0.9
 GROUP_LR_MULTIPLIERS = (1.0, 2.0, 10.0, 20.0)
@@ -81,15 +82,23 @@ class PolySGD(torch.optim.SGD):
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, max_step: int, mode: str = "faithful",
-                    scratch: tuple[str, ...] = CLASSIFIER_SCRATCH, power: float = POLY_POWER) -> PolySGD:
+                    scratch: tuple[str, ...] = CLASSIFIER_SCRATCH, power: float = POLY_POWER,
+                    head_lr: str = "x10") -> PolySGD:
     """The reference's optimiser: groups with lr x1/x2/x10/x20, weight decay on the weight groups only.
 
     ``scratch``: ``CLASSIFIER_SCRATCH`` (fc8) for the ordinary classifier, ``ERASER_SCRATCH`` (none)
     for the OC-CSE eraser. ``mode``: ``"faithful"`` (momentum = weight_decay, psa's quirk) or
-    ``"fixed"`` (momentum 0.9). Groups are always four, possibly empty, so indices keep their meaning.
+    ``"fixed"`` (momentum 0.9). ``head_lr``: ``"x10"`` (psa) puts the scratch layers in the x10/x20
+    groups; ``"x1"`` leaves them with the backbone (a network trained from scratch has no pretrained
+    layers for a faster head to catch up with). Groups are always four, possibly empty, so indices keep
+    their meaning.
     """
     if mode not in OPTIMIZER_MODES:
         raise ValueError(f"optimizer mode must be one of {OPTIMIZER_MODES}, got {mode!r}")
+    if head_lr not in HEAD_LR_MODES:
+        raise ValueError(f"head_lr must be one of {HEAD_LR_MODES}, got {head_lr!r}")
+    if head_lr == "x1":
+        scratch = ()
     momentum = float(weight_decay) if mode == "faithful" else FIXED_MOMENTUM
     params = param_groups(unwrap(model), scratch)
     groups = []

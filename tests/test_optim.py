@@ -56,6 +56,17 @@ def test_eraser_puts_every_conv_in_the_first_group_and_skips_frozen_parameters(m
     assert id(model.conv1a.weight) not in in_optimizer and id(model.bn7.weight) not in in_optimizer
 
 
+def test_head_lr_x1_trains_fc8_at_the_backbone_rate(model):
+    """`train_*.head_lr: x1`: for a network trained from scratch, fc8 joins the 1x / 2x groups."""
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=5e-4, max_step=10, scratch=CLASSIFIER_SCRATCH,
+                                head_lr="x1")
+    assert any(p is model.fc8.weight for p in _group(optimizer, "pretrained_weight")["params"])
+    assert _group(optimizer, "pretrained_weight")["lr"] == pytest.approx(0.1)
+    assert not _group(optimizer, "scratch_weight")["params"] and not _group(optimizer, "scratch_bias")["params"]
+    with pytest.raises(ValueError, match="head_lr"):
+        build_optimizer(model, lr=0.1, weight_decay=5e-4, max_step=10, head_lr="x5")
+
+
 def test_faithful_mode_has_the_reference_momentum_and_fixed_mode_the_intended_one(model):
     faithful = build_optimizer(model, lr=0.01, weight_decay=5e-4, max_step=10, mode="faithful")
     fixed = build_optimizer(model, lr=0.01, weight_decay=5e-4, max_step=10, mode="fixed")

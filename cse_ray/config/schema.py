@@ -86,6 +86,10 @@ class TrainCamConfig:
     jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
     dropout: tuple[float, float] = (0.3, 0.5)  # Dropout2d in b6, b7 while training (psa's train_cls)
     head_dropout: float = field(default=0.5, metadata=_range(0.0, 1.0))  # before fc8: psa 0.5, OC-CSE none
+    # The new head's learning rate (fc8; AffinityNet's and the segmentation network's heads). "x10": psa's
+    # groups, its weights at 10x the base lr and its biases at 20x, meant for a new head on an ImageNet
+    # backbone; "x1": the head in the backbone's groups (1x / 2x), for networks trained from scratch.
+    head_lr: str = field(default="x10", metadata=_choices("x10", "x1"))
     # Where the dropout masks come from. "sample": each sample's own generator, keyed by (seed, epoch,
     # sample index, layer), so N workers draw the masks one worker draws and take its step; "worker":
     # torch's random stream on each worker, so the masks depend on how the batch is split.

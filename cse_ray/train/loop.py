@@ -188,7 +188,7 @@ def start_run(inputs: StageInputs, cfg: Config, scfg: TrainCamConfig, model: tor
     steps_per_epoch = len(dataset) // scfg.batch_size
     optimizer = build_optimizer(model, lr=scfg.lr, weight_decay=scfg.weight_decay,
                                 max_step=steps_per_epoch * scfg.epochs, mode=scfg.momentum_mode,
-                                scratch=scratch)
+                                scratch=scratch, head_lr=scfg.head_lr)
     paths = layout.stage(stage)
     state = TrainState()
     checkpoint = resume_checkpoint(paths, stage)
