@@ -3,11 +3,12 @@
     data (synthetic when asked)
       -> train-cam: the ordinary classifier (unless train_cse.classifier gives one)
       -> train-cse: the eraser against it          [-> the w = 0 control, when pipeline.control]
-      -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF on the inference
-         list and val
+      -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF (every alpha) on
+         val, which chooses the pseudo-labels' alpha/threshold; the inference list, when it is another,
+         with the CRF at that alpha only
       [-> pipeline.rw: confident labels on the training list, train-aff, the random walk of the
           training list and of val]
-      -> evaluate every model on val -> pseudo-labels at the chosen alpha/threshold
+      -> evaluate every model on val -> pseudo-labels of the inference list at the chosen alpha/threshold
       [-> pipeline.seg: train-seg on the pseudo-labels (train_seg.labels: the walk's or pseudo_labels/),
           cse-ray predict on val]
       -> report
@@ -64,16 +65,22 @@ def run_pipeline(cfg: Config, out: str) -> dict:
     if cfg.pipeline.control:
         run_infer(cams_only, run.control.root, checkpoint=run.control.stage("train_cse").model,
                   list_name=cfg.data.val_list, write_pseudo=False)
-    run_infer(cfg, run.root, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
-    val_out = run.infer
-    if set(val.names) - set(infer_split.names):  # val is another list: the eraser's outputs on it too
+    if set(val.names) - set(infer_split.names):
+        # val is another list: its outputs at every alpha choose the pseudo-labels' alpha (or threshold),
+        # then the inference list gets the CRF at that alpha only
         val_out = run.val
         run_infer(cfg, val_out.root, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
+        source, value = pseudo_choice(cfg, run, root, val.names, val_out)
+        run_infer(only_pseudo_source(cfg, source, value), run.root, checkpoint=eraser,
+                  list_name=cfg.data.infer_list, write_pseudo=False)
+    else:
+        val_out = run.infer
+        run_infer(cfg, run.root, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
+        source, value = pseudo_choice(cfg, run, root, val.names, val_out)
     if cfg.pipeline.rw:
         random_walk_stage(cfg, run, eraser, val_out)
 
     results = evaluate_run(cfg, run, root, val.names, val_out)
-    source, value = _pseudo_choice(cfg, results)
     written = write_pseudo_labels(run.root, list(infer_split.names), source, value, cfg)
     if written.missing:
         raise RuntimeError(f"pseudo-labels: {written.missing} images have no stored CAM or CRF output")
@@ -184,13 +191,29 @@ def _evaluate_once(cfg: Config, run: RunLayout, root: str, val_names, stem: str,
     return result
 
 
-def _pseudo_choice(cfg: Config, results) -> tuple[str, float]:
-    """Where pseudo-labels come from: the configured alpha/threshold, else the best one on val."""
+def pseudo_choice(cfg: Config, run: RunLayout, root: str, val_names,
+                  val_out: InferLayout) -> tuple[str, float]:
+    """Where pseudo-labels come from: the configured alpha/threshold, else the best one on val (the
+    same evaluation and `metrics.best_alpha` rule that report.json shows afterwards)."""
+    from cse_ray.metrics import best_alpha
+
     if cfg.crf.pseudo_from == "crf" and cfg.crf.enabled:
-        alpha = cfg.crf.pseudo_alpha if cfg.crf.pseudo_alpha >= 0 else results.best_alpha
-        return "crf", float(alpha)
-    threshold = cfg.infer.threshold if cfg.infer.threshold >= 0 else results.cse_cam.threshold
-    return "cam", float(threshold)
+        if cfg.crf.pseudo_alpha >= 0:
+            return "crf", float(cfg.crf.pseudo_alpha)
+        scores = {alpha: _evaluate_once(cfg, run, root, val_names, f"cse_crf_a{alpha:g}",
+                                        val_out.crf_dir(alpha), "label").miou for alpha in cfg.crf.alphas}
+        return "crf", float(best_alpha(scores))
+    if cfg.infer.threshold >= 0:
+        return "cam", float(cfg.infer.threshold)
+    cam = _evaluate_once(cfg, run, root, val_names, "cse_cam", val_out.cams_dir, "cam")
+    return "cam", float(cam.threshold)
+
+
+def only_pseudo_source(cfg: Config, source: str, value: float) -> Config:
+    """The inference list needs the CRF at the chosen alpha only (none for CAM-threshold labels)."""
+    if source == "crf":
+        return with_overrides(cfg, {"crf.alphas": [value]})
+    return with_overrides(cfg, {"crf.enabled": False})
 
 
 def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: InferLayout,

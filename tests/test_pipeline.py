@@ -185,3 +185,32 @@ def test_use_gpu_true_of_a_later_stage_stops_the_chain_before_training(ray_sessi
     with pytest.raises(UserError, match="config key infer.use_gpu: true, but the Ray cluster has no GPU"):
         run_pipeline(cfg, str(out))
     assert not (out / "train_cam").exists()
+
+
+def test_a_training_inference_list_gets_the_crf_at_the_alpha_chosen_on_val_and_trains_the_segmenter(
+    ray_session, tmp_path: Path
+) -> None:
+    """configs/demo.yaml's shape: pseudo-labels for the training images, the alpha chosen on val."""
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        *SMALL, "data.infer_list=train", "crf.alphas=[4,12]", "pipeline.seg=true", "train_seg.labels=pseudo",
+        "train_seg.crop=48", "train_seg.resize_long=[40,56]", "predict.scales=[1.0]"])
+    out = tmp_path / "run"
+    report = run_pipeline(cfg, str(out))
+
+    # val got every alpha (the choice and the report's table); the training list only the chosen one.
+    alpha = report["best_alpha"]
+    assert sorted(path.name for path in (out / "val" / "crf").iterdir()) == ["a12", "a4"]
+    assert [path.name for path in (out / "crf").iterdir()] == [f"a{alpha:g}"]
+    train = read_list(out / "data" / "ImageSets" / "Segmentation" / "train.txt")
+    assert sorted(path.stem for path in (out / "pseudo_labels").glob("*.png")) == sorted(train)
+    assert report["pseudo_labels"] == {"source": "crf", "value": alpha}
+    for name in train[:3]:  # each pseudo-label is the chosen CRF map of its image
+        assert (out / "pseudo_labels" / f"{name}.png").read_bytes() == \
+            (out / "crf" / f"a{alpha:g}" / f"{name}.png").read_bytes()
+
+    # The segmentation network learned from them, and seg_miou is its prediction on val.
+    seg = json.loads((out / "train_seg" / "result.json").read_text())
+    assert seg["labels_folder"] == str(out / "pseudo_labels")
+    assert report["seg_labels"] == "pseudo"
+    assert report["seg_miou"] == pytest.approx(json.loads((out / "eval" / "seg.json").read_text())["miou"],
+                                               abs=1e-3)
