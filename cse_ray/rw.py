@@ -12,6 +12,10 @@ positions; about 3,000 for a VOC image, 12,000 at 1000 x 750, where one matrix i
 stays sparse (at most 69 entries per column) and is applied 2^logt times to the (classes x N) maps,
 which is the same product in another order: O(N) memory, O(2^logt * N) time. `psa_dense_random_walk`
 keeps psa's way as the reference (benchmarks/random_walk.py, tests/test_rw.py).
+
+`rw.scale` (1 in psa) walks on the image and CAMs resized by that factor and brings the label back:
+on small images (the synthetic demo's 128 px give a 16 x 16 grid, which psa's radius of 5 nearly
+spans) a finer grid lets the walk stop at object borders.
 """
 
 from __future__ import annotations
@@ -82,6 +86,31 @@ def stride_cams(
     padded_h, padded_w = padded_size(height, width, stride)
     stacked = F.pad(stacked, (0, padded_w - width, 0, padded_h - height))
     return F.avg_pool2d(stacked.unsqueeze(0), stride, stride)[0]
+
+
+def rescale_for_walk(images: torch.Tensor, cams: np.ndarray | torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`N x 3 x H x W` normalised images and `K x H x W` CAMs resized (bilinear) by `scale`, for a walk
+    on a finer grid than stride 8 of the image gives: `rw.scale`. `label_at_size` brings the walk's
+    label back."""
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    maps = torch.as_tensor(cams, dtype=torch.float32)
+    if maps.shape[0]:
+        maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    else:
+        maps = maps.new_zeros((0, *size))
+    return images, maps
+
+
+def label_at_size(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A label map resized to `height x width` by nearest neighbour (the pixel centres' labels)."""
+    from PIL import Image
+
+    if label.shape == (height, width):
+        return label
+    return np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
 
 
 def _pairs(affinities: torch.Tensor, height: int, width: int, radius: int) -> tuple[torch.Tensor, ...]:

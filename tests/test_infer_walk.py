@@ -7,6 +7,7 @@ actor's images are retried and every image gets one row and one file; the confid
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,32 @@ def test_every_image_gets_the_walk_of_its_stored_cams(dataset, ray_session, tmp_
     assert (again.done, again.skipped) == (0, 6)
     with pytest.raises(UserError, match=r"rw_settings.json: .*\(logt differ"):
         run_rw(make_cfg(dataset, logt=3), str(out), progress=False)
+
+
+def test_rw_scale_walks_the_resized_image_and_writes_labels_of_the_image_size(dataset, ray_session, tmp_path):
+    out = with_cams(dataset, tmp_path / "run")
+    summary = run_rw(make_cfg(dataset, scale=2.0), str(out), list_name="train", progress=False)
+    assert (summary.done, summary.failed) == (6, 0)
+    assert json.loads((out / "rw_settings.json").read_text())["scale"] == 2.0
+
+    from cse_ray.data.transforms import normalize, to_chw
+    from cse_ray.formats import load_cam_npz
+    from cse_ray.rw import label_at_size, rescale_for_walk
+
+    model = build_affinity_net("resnet38d_tiny")
+    model.load_state_dict(torch.load(dataset["affinity"]))
+    model.eval()
+    name = NAMES[0]
+    image = read_image(image_path(dataset["root"], name))
+    cams, classes = load_cam_npz(out / "cams" / f"{name}.npz")
+    batch, maps = rescale_for_walk(torch.from_numpy(to_chw(normalize(image)))[None], cams, 2.0)
+    with torch.no_grad():
+        affinities = pair_affinities(model(pad_to_stride(batch)))
+    expected = label_at_size(random_walk(maps, classes, affinities, beta=8, logt=4, bg_power=16).label,
+                             *image.shape[:2])
+    stored = np.array(Image.open(out / "rw" / f"{name}.png"))
+    assert stored.shape == image.shape[:2]
+    np.testing.assert_array_equal(stored, expected)
 
 
 def test_cams_of_another_size_stop_the_walk_with_exit_2_after_the_others(

@@ -11,11 +11,13 @@ from cse_ray.models import pair_affinities, pair_offsets, pair_region
 from cse_ray.rw import (
     WalkResult,
     confident_labels,
+    label_at_size,
     pad_to_stride,
     padded_size,
     psa_dense_random_walk,
     psa_dense_transition,
     random_walk,
+    rescale_for_walk,
     sparse_transition,
     stride_cams,
 )
@@ -158,3 +160,30 @@ def test_no_class_is_background_everywhere_and_a_tiny_image_has_no_pairs():
     alone = random_walk(cams, [0], affinities)  # T is the identity: labels from the pooled CAMs alone
     assert (alone.label[:, :12] == 1).all() and not alone.label[:, 20:].any()
     assert len(pair_offsets()) == 34
+
+
+def test_rw_scale_walks_on_a_finer_grid_and_returns_the_label_at_the_image_size():
+    """`rw.scale: 2`: image and CAMs doubled (a 16 x 32 grid for a 64 x 128 image instead of 8 x 16), the
+    walk stops at the border there, and the label comes back at 64 x 128."""
+    images = torch.zeros(1, 3, 64, 128)
+    cams = np.zeros((1, 64, 128), np.float32)
+    cams[0, :, :52] = 0.8
+    bigger, maps = rescale_for_walk(images, cams, 2.0)
+    assert bigger.shape == (1, 3, 128, 256) and maps.shape == (1, 128, 256)
+    assert float(maps[0, :, :100].min()) == pytest.approx(0.8) and not maps[0, :, 108:].any()
+    features = torch.zeros(1, 4, 16, 32)  # AffinityNet's features of the doubled image: two halves
+    features[..., 16:] = 100.0
+    walked = random_walk(maps, [4], pair_affinities(features))
+    assert walked.label.shape == (128, 256)
+    label = label_at_size(walked.label, 64, 128)
+    assert label.shape == (64, 128)
+    assert bool((label[:, :56] == 5).all()) and not label[:, 72:].any()
+    empty_images, no_cams = rescale_for_walk(images, np.zeros((0, 64, 128), np.float32), 0.5)
+    assert empty_images.shape == (1, 3, 32, 64) and no_cams.shape == (0, 32, 64)
+
+
+def test_label_at_size_keeps_blocks_and_leaves_a_fitting_label_alone():
+    label = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    doubled = np.kron(label, np.ones((2, 2), np.uint8))
+    assert (label_at_size(doubled, 2, 3) == label).all()
+    assert label_at_size(label, 2, 3) is label

@@ -265,6 +265,9 @@ class RwConfig:
     beta: float = field(default=8.0, metadata=_range(0.0, lo_open=True))
     logt: int = field(default=8, metadata=_range(0))  # 2^logt steps
     bg_exponent: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
+    # The walk on the image and CAMs resized by this factor (psa: 1), the label brought back: a finer
+    # grid than stride 8 for small images.
+    scale: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     num_actors: int = field(default=1, metadata=_range(1))
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     gpus_per_actor: float = field(default=1.0, metadata=_range(0.0))  # used when the cluster has GPUs

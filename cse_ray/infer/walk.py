@@ -64,7 +64,8 @@ class RwWorker:
     """One AffinityNet replica; refines one image at a time and writes its label map itself."""
 
     def __init__(self, backbone: str, state_ref: list, use_gpu: bool, cpus: float, layout: InferLayout,
-                 root: str, walk: tuple[float, int, float], index: int, kill_after: int | None) -> None:
+                 root: str, walk: tuple[float, int, float, float], index: int,
+                 kill_after: int | None) -> None:
         import ray
         import torch
 
@@ -88,7 +89,7 @@ class RwWorker:
         from cse_ray.data.voc import image_path
         from cse_ray.formats import load_cam_npz, read_image, write_label_png
         from cse_ray.models import pair_affinities
-        from cse_ray.rw import pad_to_stride, random_walk
+        from cse_ray.rw import label_at_size, pad_to_stride, random_walk, rescale_for_walk
 
         row: dict = {"name": name, "node": self.node, "actor": self.index, "pid": os.getpid()}
         start = time.perf_counter()
@@ -104,11 +105,15 @@ class RwWorker:
                              f"an image of {image.shape[1]}x{image.shape[0]} (rerun cse-ray infer for it)")
             return row
         loaded = time.perf_counter()
-        beta, logt, bg_exponent = self.walk
-        batch = pad_to_stride(torch.from_numpy(to_chw(normalize(image)))[None]).to(self.device)
+        beta, logt, bg_exponent, scale = self.walk
+        batch = torch.from_numpy(to_chw(normalize(image)))[None]
+        maps = cams
+        if scale != 1.0:
+            batch, maps = rescale_for_walk(batch, cams, scale)
         with torch.no_grad():
-            affinities = pair_affinities(self.model(batch))
-            label = random_walk(cams, classes, affinities, beta=beta, logt=logt, bg_power=bg_exponent).label
+            affinities = pair_affinities(self.model(pad_to_stride(batch).to(self.device)))
+            label = random_walk(maps, classes, affinities, beta=beta, logt=logt, bg_power=bg_exponent).label
+        label = label_at_size(label, *image.shape[:2])
         walked = time.perf_counter()
         write_label_png(self.layout.rw(name), label)
         row.update(status="ok", error=None, rw=self.layout.rw_rel(name), classes=[int(k) for k in classes],
@@ -174,7 +179,7 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
     state, digest = load_affinity_state(cfg.model.backbone, checkpoint)
     r = cfg.rw
     settings = {"backbone": cfg.model.backbone, "checkpoint_sha256": digest, "beta": r.beta, "logt": r.logt,
-                "bg_exponent": r.bg_exponent}
+                "bg_exponent": r.bg_exponent, **({"scale": r.scale} if r.scale != 1.0 else {})}
     check_settings(layout, settings, layout.rw_settings)
 
     import ray
@@ -205,7 +210,7 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
     state_ref = ray.put(state) if todo else None  # in a list: a restarted actor fetches it again
     actors = [ray.remote(RwWorker).options(**options).remote(
         cfg.model.backbone, [state_ref], use_gpu, r.cpus_per_actor, layout, root,
-        (r.beta, r.logt, r.bg_exponent), index, kill_after) for index in range(r.num_actors) if todo]
+        (r.beta, r.logt, r.bg_exponent, r.scale), index, kill_after) for index in range(r.num_actors) if todo]
     done, errors, refused = 0, {}, []
     bar = tqdm(total=len(names), initial=skipped, unit="img", desc="rw", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
