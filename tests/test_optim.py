@@ -62,7 +62,8 @@ def test_head_lr_x1_trains_fc8_at_the_backbone_rate(model):
                                 head_lr="x1")
     assert any(p is model.fc8.weight for p in _group(optimizer, "pretrained_weight")["params"])
     assert _group(optimizer, "pretrained_weight")["lr"] == pytest.approx(0.1)
-    assert not _group(optimizer, "scratch_weight")["params"] and not _group(optimizer, "scratch_bias")["params"]
+    assert not _group(optimizer, "scratch_weight")["params"]
+    assert not _group(optimizer, "scratch_bias")["params"]
     with pytest.raises(ValueError, match="head_lr"):
         build_optimizer(model, lr=0.1, weight_decay=5e-4, max_step=10, head_lr="x5")
 
