@@ -70,17 +70,17 @@ def run_pipeline(cfg: Config, out: str) -> dict:
         # then the inference list gets the CRF at that alpha only
         val_out = run.val
         run_infer(cfg, val_out.root, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
-        source, value = pseudo_choice(cfg, run, root, val.names, val_out)
+        source, value, chosen_from = pseudo_choice(cfg, run, root, val.names, val_out)
         run_infer(only_pseudo_source(cfg, source, value), run.root, checkpoint=eraser,
                   list_name=cfg.data.infer_list, write_pseudo=False)
     else:
         val_out = run.infer
         run_infer(cfg, run.root, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
-        source, value = pseudo_choice(cfg, run, root, val.names, val_out)
+        source, value, chosen_from = pseudo_choice(cfg, run, root, val.names, val_out)
     if cfg.pipeline.rw:
         random_walk_stage(cfg, run, eraser, val_out)
 
-    results = evaluate_run(cfg, run, root, val.names, val_out)
+    results = evaluate_run(cfg, run, root, val.names, val_out, evaluated=chosen_from)
     written = write_pseudo_labels(run.root, list(infer_split.names), source, value, cfg)
     if written.missing:
         raise RuntimeError(f"pseudo-labels: {written.missing} images have no stored CAM or CRF output")
@@ -161,15 +161,17 @@ def control_config(cfg: Config, classifier: str) -> Config:
 
 
 def evaluate_run(cfg: Config, run: RunLayout, root: str, val_names, val_out: InferLayout,
-                 ordinary: InferLayout | None = None):
+                 ordinary: InferLayout | None = None, evaluated: dict | None = None):
     """Ordinary CAMs, OC-CSE CAMs, OC-CSE + CRF (every alpha) and the control on the validation list.
 
     Evaluation is one cheap pass over the files, so a rerun recomputes it rather than trusting a
-    stale report.
+    stale report. `evaluated`: results this run already computed (`pseudo_choice`'s), by file stem.
     """
     from cse_ray.report import PipelineResults
 
     def once(stem: str, pred_dir: str, task: str):
+        if evaluated and stem in evaluated:
+            return evaluated[stem]
         return _evaluate_once(cfg, run, root, val_names, stem, pred_dir, task)
 
     ordinary_cam = once("ordinary_cam", (ordinary or run.ordinary).cams_dir, "cam")
@@ -192,21 +194,23 @@ def _evaluate_once(cfg: Config, run: RunLayout, root: str, val_names, stem: str,
 
 
 def pseudo_choice(cfg: Config, run: RunLayout, root: str, val_names,
-                  val_out: InferLayout) -> tuple[str, float]:
+                  val_out: InferLayout) -> tuple[str, float, dict]:
     """Where pseudo-labels come from: the configured alpha/threshold, else the best one on val (the
-    same evaluation and `metrics.best_alpha` rule that report.json shows afterwards)."""
+    same evaluation and `metrics.best_alpha` rule that report.json shows afterwards). Also returns the
+    evaluations it made, by file stem, for `evaluate_run` to reuse."""
     from cse_ray.metrics import best_alpha
 
     if cfg.crf.pseudo_from == "crf" and cfg.crf.enabled:
         if cfg.crf.pseudo_alpha >= 0:
-            return "crf", float(cfg.crf.pseudo_alpha)
-        scores = {alpha: _evaluate_once(cfg, run, root, val_names, f"cse_crf_a{alpha:g}",
-                                        val_out.crf_dir(alpha), "label").miou for alpha in cfg.crf.alphas}
-        return "crf", float(best_alpha(scores))
+            return "crf", float(cfg.crf.pseudo_alpha), {}
+        crf = {alpha: _evaluate_once(cfg, run, root, val_names, f"cse_crf_a{alpha:g}", val_out.crf_dir(alpha),
+                                     "label") for alpha in cfg.crf.alphas}
+        chosen = best_alpha({alpha: result.miou for alpha, result in crf.items()})
+        return "crf", float(chosen), {f"cse_crf_a{alpha:g}": result for alpha, result in crf.items()}
     if cfg.infer.threshold >= 0:
-        return "cam", float(cfg.infer.threshold)
+        return "cam", float(cfg.infer.threshold), {}
     cam = _evaluate_once(cfg, run, root, val_names, "cse_cam", val_out.cams_dir, "cam")
-    return "cam", float(cam.threshold)
+    return "cam", float(cam.threshold), {"cse_cam": cam}
 
 
 def only_pseudo_source(cfg: Config, source: str, value: float) -> Config:
