@@ -6,8 +6,9 @@
       -> infer: CAMs of the classifier (and control) on val; the eraser's CAMs + CRF (every alpha) on
          val, which chooses the pseudo-labels' alpha/threshold; the inference list, when it is another,
          with the CRF at that alpha only
-      [-> pipeline.rw: confident labels on the training list, train-aff, the random walk of the
-          training list and of val]
+      [-> pipeline.rw: confident labels on the affinity training list (from the inference list's own
+          CRF maps when it is that list), train-aff, the random walk of val, and of the training list
+          when the segmentation network learns from it (train_seg.labels: rw)]
       -> evaluate every model on val -> pseudo-labels of the inference list at the chosen alpha/threshold
       [-> pipeline.seg: train-seg on the pseudo-labels (train_seg.labels: the walk's or pseudo_labels/),
           cse-ray predict on val]
@@ -71,11 +72,12 @@ def run_pipeline(cfg: Config, out: str) -> dict:
         val_out = run.val
         run_infer(cfg, val_out.root, checkpoint=eraser, list_name=cfg.data.val_list, write_pseudo=False)
         source, value, chosen_from = pseudo_choice(cfg, run, root, val.names, val_out)
-        run_infer(only_pseudo_source(cfg, source, value), run.root, checkpoint=eraser,
-                  list_name=cfg.data.infer_list, write_pseudo=False)
+        run_infer(with_confident_alphas(cfg, only_pseudo_source(cfg, source, value)), run.root,
+                  checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
     else:
         val_out = run.infer
-        run_infer(cfg, run.root, checkpoint=eraser, list_name=cfg.data.infer_list, write_pseudo=False)
+        run_infer(with_confident_alphas(cfg, cfg), run.root, checkpoint=eraser, list_name=cfg.data.infer_list,
+                  write_pseudo=False)
         source, value, chosen_from = pseudo_choice(cfg, run, root, val.names, val_out)
     if cfg.pipeline.rw:
         random_walk_stage(cfg, run, eraser, val_out)
@@ -103,15 +105,21 @@ def _check_gpus(cfg: Config) -> None:
 
 def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLayout) -> None:
     """psa's refinement of the eraser's CAMs: confident labels on the affinity training list,
-    AffinityNet on Ray Train, then the random walk of the training images (the CAMs the confident
-    labels came from: the labels a segmentation network learns from) and of the validation images."""
+    AffinityNet on Ray Train, then the random walk of the validation images and, when the segmentation
+    network learns from them (train_seg.labels: rw), of the training images (the CAMs the confident
+    labels came from)."""
     from cse_ray.infer import run_rw, write_confident_labels
     from cse_ray.train import train_aff
 
-    write_confident_labels(cfg, run.root, checkpoint=eraser, progress=False)
+    shared = _shares_inference(cfg)
+    write_confident_labels(cfg, run.root, checkpoint=eraser, crf_from=run.infer.root if shared else None,
+                           progress=False)
     train_aff(cfg, run.root)
     affinity = run.stage("train_aff").model
-    for folder, names in ((run.aff_labels, _affinity_list(cfg)), (val_out, cfg.data.val_list)):
+    walks = [(val_out, cfg.data.val_list)]
+    if cfg.pipeline.seg and cfg.train_seg.labels == "rw" and not cfg.train_seg.labels_dir:
+        walks.insert(0, (_training_walk(cfg, run), _affinity_list(cfg)))
+    for folder, names in walks:
         summary = run_rw(cfg, folder.root, checkpoint=affinity, list_name=names, progress=False)
         if summary.failed:
             raise RuntimeError(f"rw: {summary.failed} images of {names} failed: {summary.errors}")
@@ -120,6 +128,28 @@ def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLa
 def _affinity_list(cfg: Config) -> str:
     """The images AffinityNet learns from, which get confident labels and the training walk."""
     return cfg.rw.train_list or cfg.data.train_list
+
+
+def _shares_inference(cfg: Config) -> bool:
+    """The affinity list is the inference list: its inference also makes the two confident CRF maps."""
+    return cfg.pipeline.rw and _affinity_list(cfg) == cfg.data.infer_list
+
+
+def _training_walk(cfg: Config, run: RunLayout) -> InferLayout:
+    """The folder whose CAMs the training images' walk refines (and where its label maps go)."""
+    return run.infer if _shares_inference(cfg) else run.aff_labels
+
+
+def with_confident_alphas(cfg: Config, infer_cfg: Config) -> Config:
+    """The inference list's settings, plus the CRF at rw.low_alpha and rw.high_alpha when the confident
+    labels come from it (one CAM pass over the training images instead of two)."""
+    from cse_ray.infer.confident import confident_config
+
+    if not _shares_inference(cfg):
+        return infer_cfg
+    low, high = confident_config(cfg).crf.alphas  # refuses low >= high
+    alphas = infer_cfg.crf.alphas if infer_cfg.crf.enabled else []
+    return with_overrides(infer_cfg, {"crf.enabled": True, "crf.alphas": sorted({*alphas, low, high})})
 
 
 def segmentation_stage(cfg: Config, run: RunLayout, root: str, val_names, results):
@@ -149,7 +179,8 @@ def seg_overrides(cfg: Config, run: RunLayout) -> dict:
         if not cfg.pipeline.rw:
             raise UserError("config key train_seg.labels: rw, but pipeline.rw is false (no random walk "
                             "runs); turn it on, or use train_seg.labels=pseudo or train_seg.labels_dir")
-        return {"train_seg.labels_dir": run.aff_labels.rw_dir, "train_seg.train_list": _affinity_list(cfg)}
+        return {"train_seg.labels_dir": _training_walk(cfg, run).rw_dir,
+                "train_seg.train_list": _affinity_list(cfg)}
     return {"train_seg.labels_dir": run.infer.pseudo_dir,
             "train_seg.train_list": t.train_list or cfg.data.infer_list}
 

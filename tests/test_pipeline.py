@@ -23,6 +23,7 @@ from cse_ray.config import from_dict, load_config, thresholds, with_overrides
 from cse_ray.data.voc import CATEGORY_NAMES, read_list
 from cse_ray.labels import PALETTE
 from cse_ray.pipeline import run_pipeline
+from cse_ray.rw import confident_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,23 +191,40 @@ def test_use_gpu_true_of_a_later_stage_stops_the_chain_before_training(ray_sessi
 def test_a_training_inference_list_gets_the_crf_at_the_alpha_chosen_on_val_and_trains_the_segmenter(
     ray_session, tmp_path: Path
 ) -> None:
-    """configs/demo.yaml's shape: pseudo-labels for the training images, the alpha chosen on val."""
+    """configs/demo.yaml's shape: pseudo-labels for the training images, the alpha chosen on val; with
+    the random walk on, the same inference pass makes AffinityNet's confident labels."""
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
         *SMALL, "data.infer_list=train", "crf.alphas=[4,12]", "pipeline.seg=true", "train_seg.labels=pseudo",
-        "train_seg.crop=48", "train_seg.resize_long=[40,56]", "predict.scales=[1.0]"])
+        "train_seg.crop=48", "train_seg.resize_long=[40,56]", "predict.scales=[1.0]",
+        "pipeline.rw=true", "train_aff.crop=48", "train_aff.resize_long=[40,56]", "train_aff.epochs=1",
+        "train_aff.init=eraser", "rw.logt=6"])
     out = tmp_path / "run"
     report = run_pipeline(cfg, str(out))
 
-    # val got every alpha (the choice and the report's table); the training list only the chosen one.
+    # val got every alpha (the choice and the report's table); the training list the chosen one and
+    # psa's two (rw.low_alpha 4, rw.high_alpha 32) for the confident labels.
     alpha = report["best_alpha"]
     assert sorted(path.name for path in (out / "val" / "crf").iterdir()) == ["a12", "a4"]
-    assert [path.name for path in (out / "crf").iterdir()] == [f"a{alpha:g}"]
+    assert {path.name for path in (out / "crf").iterdir()} == {f"a{alpha:g}", "a4", "a32"}
     train = read_list(out / "data" / "ImageSets" / "Segmentation" / "train.txt")
     assert sorted(path.stem for path in (out / "pseudo_labels").glob("*.png")) == sorted(train)
     assert report["pseudo_labels"] == {"source": "crf", "value": alpha}
     for name in train[:3]:  # each pseudo-label is the chosen CRF map of its image
         assert (out / "pseudo_labels" / f"{name}.png").read_bytes() == \
             (out / "crf" / f"a{alpha:g}" / f"{name}.png").read_bytes()
+
+    # Confident labels from those maps, no second inference of the training images; the walk refines
+    # val only (the segmentation network learns from the CRF's pseudo-labels, not from a walk).
+    for name in train:
+        low, high = (np.array(Image.open(out / "crf" / a / f"{name}.png")) for a in ("a4", "a32"))
+        np.testing.assert_array_equal(np.array(Image.open(out / "aff_labels" / "confident" / f"{name}.png")),
+                                      confident_labels(low, high))
+    assert sorted(path.name for path in (out / "aff_labels").iterdir()) == ["confident"]
+    assert not (out / "rw").exists()
+    val = read_list(out / "data" / "ImageSets" / "Segmentation" / "val.txt")
+    assert sorted(path.stem for path in (out / "val" / "rw").glob("*.png")) == sorted(val)
+    assert report["rw_miou"] == pytest.approx(json.loads((out / "eval" / "rw.json").read_text())["miou"],
+                                              abs=1e-3)
 
     # The segmentation network learned from them, and seg_miou is its prediction on val.
     seg = json.loads((out / "train_seg" / "result.json").read_text())
