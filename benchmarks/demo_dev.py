@@ -231,6 +231,7 @@ def main() -> None:
     scenes = dev_split(design, args.dev_images)
     stem = f"{_key(design)}_n{args.train_images}_e{args.cam_epochs}_lr{args.cam_lr}_s{args.seed}"
     stem += "_head1x" if args.cam_head_lr == "x1" else ""
+    stem += "" if args.backbone == "resnet38d_tiny_undilated" else f"_{args.backbone}"
     classifier = work / f"cam_{stem}.pth"
     if not classifier.is_file():
         train(dataset, args.backbone, args.cam_epochs, args.cam_lr, args.seed, classifier,

@@ -82,7 +82,8 @@ def test_tiny_forward_backward_on_a_non_square_batch():
         assert model(torch.randn(1, 3, 50, 70))[0].shape == (1, 5, 7, 9)
 
 
-@pytest.mark.parametrize("name", ["resnet38d_small", "resnet38d_tiny", "resnet38d_tiny_undilated"])
+@pytest.mark.parametrize("name", ["resnet38d_small", "resnet38d_tiny", "resnet38d_tiny_undilated",
+                                  "resnet38d_tiny_local"])
 def test_every_variant_keeps_output_stride_8_and_psa_names(name):
     model = build_classifier(name).eval()
     with torch.no_grad():
@@ -110,6 +111,20 @@ def test_undilated_tiny_has_the_same_weights_and_a_smaller_receptive_field():
         assert not torch.equal(dilated(images)[0][far_cell], dilated(moved)[0][far_cell])
         assert torch.equal(undilated(images)[0][far_cell], undilated(moved)[0][far_cell])
         assert not torch.equal(undilated(images)[0], undilated(moved)[0])
+
+
+def test_local_tiny_has_1x1_convs_at_stride_8_and_a_45_px_receptive_field():
+    torch.manual_seed(0)
+    local = build_classifier("resnet38d_tiny_local").eval()
+    undilated = build_classifier("resnet38d_tiny_undilated")
+    assert set(local.state_dict()) == set(undilated.state_dict())  # psa's names; deep convs 1x1
+    for name in ("b5.conv_branch2a", "b5.conv_branch2b1", "b6.conv_branch2b1", "b7.conv_branch2b1"):
+        assert local.get_submodule(name).kernel_size == (1, 1)
+    assert local.b4.conv_branch2b1.kernel_size == (3, 3)
+    images = torch.randn(1, 3, 128, 128, requires_grad=True)
+    local(images)[0][0, :, 8, 8].sum().backward()  # the cell whose centre is pixel (64, 64)
+    rows, cols = images.grad.abs().sum(dim=(0, 1)).nonzero(as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (42, 86, 42, 86)  # 45 px: 64 - 22 .. 64 + 22
 
 
 def test_variants_are_smaller_than_the_full_network():

@@ -113,7 +113,7 @@ def _tapped_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("name,channels", [("resnet38d_small", 112), ("resnet38d_tiny", 56),
-                                           ("resnet38d_tiny_undilated", 56)])
+                                           ("resnet38d_tiny_undilated", 56), ("resnet38d_tiny_local", 56)])
 def test_variants_tap_b5_b6_and_the_output_with_scaled_heads(name, channels):
     torch.manual_seed(0)
     model = build_affinity_net(name).eval()

@@ -43,8 +43,10 @@ class AffinityNet(ResNet38d):
         blocks: Sequence[int] = (3, 3, 6, 3),
         dropout: Sequence[float] = AFFINITY_DROPOUT,
         dilated: bool = True,
+        deep_kernel: int = 3,
     ) -> None:
-        super().__init__(1, widths=widths, blocks=blocks, dropout=dropout, dilated=dilated)
+        super().__init__(1, widths=widths, blocks=blocks, dropout=dropout, dilated=dilated,
+                         deep_kernel=deep_kernel)
         del self.fc8, self.head_dropout  # the CAM head has no place in psa's resnet38_aff checkpoints
         tapped_b5, tapped_b6, output = int(widths[3]), int(widths[4]), int(widths[6])
         sizes = (max(1, tapped_b5 // 8), max(1, tapped_b6 // 8), max(1, output // 16))

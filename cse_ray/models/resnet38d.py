@@ -44,16 +44,19 @@ class PreActBlock(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         first_dilation: int | None = None,
+        kernel: int = 3,
     ) -> None:
         super().__init__()
         first_dilation = dilation if first_dilation is None else first_dilation
+        pad = kernel // 2
         self.bn_branch2a = nn.BatchNorm2d(in_channels)
         self.conv_branch2a = nn.Conv2d(
-            in_channels, mid_channels, 3, stride, padding=first_dilation, dilation=first_dilation, bias=False
+            in_channels, mid_channels, kernel, stride, padding=first_dilation * pad, dilation=first_dilation,
+            bias=False,
         )
         self.bn_branch2b1 = nn.BatchNorm2d(mid_channels)
         self.conv_branch2b1 = nn.Conv2d(
-            mid_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False
+            mid_channels, out_channels, kernel, padding=dilation * pad, dilation=dilation, bias=False
         )
         self.same_shape = in_channels == out_channels and stride == 1
         if not self.same_shape:
@@ -74,14 +77,16 @@ class PreActBlock(nn.Module):
 class PreActBottleneck(nn.Module):
     """1x1 -> 3x3 (dilated) -> 1x1, widths out/4 and out/2, channel dropout before the last two convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1, dropout: float = 0.0,
+                 kernel: int = 3) -> None:
         super().__init__()
         self.bn_branch2a = nn.BatchNorm2d(in_channels)
         self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4)
         self.dropout_2b1 = SampleDropout2d(dropout)
         self.conv_branch2b1 = nn.Conv2d(
-            out_channels // 4, out_channels // 2, 3, padding=dilation, dilation=dilation, bias=False
+            out_channels // 4, out_channels // 2, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+            bias=False,
         )
         self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2)
         self.dropout_2b2 = SampleDropout2d(dropout)
@@ -119,6 +124,9 @@ class ResNet38d(nn.Module):
     dilated: the published dilations (stage 5: 2, b6/b7: 4). False sets them all to 1: no parameter
     changes, but a much smaller receptive field, for small images where a dilated network sees the
     whole image from every feature cell (docs/DEMO.md).
+    deep_kernel: the kernel of the convs at stride 8 (stage 5's and b6/b7's middle ones; published: 3).
+    1 makes them 1x1: the receptive field stops at stage 4's (~45 px undilated), each feature cell
+    judges its own small neighbourhood, and the network is cheaper.
     """
 
     feature_stride = FEATURE_STRIDE
@@ -131,10 +139,13 @@ class ResNet38d(nn.Module):
         dropout: Sequence[float] = (0.2, 0.2),
         head_dropout: float = 0.0,
         dilated: bool = True,
+        deep_kernel: int = 3,
     ) -> None:
         super().__init__()
         if len(widths) != 7 or len(blocks) != 4 or len(dropout) != 2:
             raise ValueError("widths needs 7 entries, blocks 4 and dropout 2")
+        if deep_kernel not in (1, 3):
+            raise ValueError(f"deep_kernel must be 1 or 3, got {deep_kernel}")
         if min(blocks) < 1 or min(widths) < 4 or num_classes < 1:
             raise ValueError("every stage needs at least one block, widths >= 4, num_classes >= 1")
         stem, w2, w3, w4, w5, w6, w7 = (int(w) for w in widths)
@@ -162,11 +173,12 @@ class ResNet38d(nn.Module):
                     stride=stride if first else 1,
                     dilation=dilation,
                     first_dilation=first_dilation if first else dilation,
+                    kernel=deep_kernel if stage == 5 else 3,
                 )
                 self.add_module(name, block)
                 self.block_names.append(name)
-        self.b6 = PreActBottleneck(w5, w6, dilation=d6, dropout=float(dropout[0]))
-        self.b7 = PreActBottleneck(w6, w7, dilation=d6, dropout=float(dropout[1]))
+        self.b6 = PreActBottleneck(w5, w6, dilation=d6, dropout=float(dropout[0]), kernel=deep_kernel)
+        self.b7 = PreActBottleneck(w6, w7, dilation=d6, dropout=float(dropout[1]), kernel=deep_kernel)
         self.block_names += ["b6", "b7"]
         self.bn7 = nn.BatchNorm2d(w7)
         self.head_dropout = SampleDropout2d(head_dropout)

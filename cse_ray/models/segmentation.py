@@ -56,8 +56,9 @@ class SegResNet38d(ResNet38d):
     def __init__(self, num_classes: int, rates: Sequence[int] = ASPP_RATES,
                  widths: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
                  blocks: Sequence[int] = (3, 3, 6, 3), dropout: Sequence[float] = (0.0, 0.0),
-                 dilated: bool = True) -> None:
-        super().__init__(1, widths=widths, blocks=blocks, dropout=dropout, dilated=dilated)
+                 dilated: bool = True, deep_kernel: int = 3) -> None:
+        super().__init__(1, widths=widths, blocks=blocks, dropout=dropout, dilated=dilated,
+                         deep_kernel=deep_kernel)
         del self.fc8, self.head_dropout  # the classifier's head has no place here
         self.num_classes = int(num_classes)
         self.aspp = ASPP(self.feature_channels, self.num_classes + 1, rates)
