@@ -72,8 +72,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "resnet38d_tiny_undilated": {
         "widths": (8, 16, 32, 64, 128, 256, 512), "blocks": (1, 1, 1, 1), "dilated": False,
     },
-    # The undilated tiny network with 1x1 convs at stride 8: a ~45 px receptive field, so that on 128 px
-    # images a cell on an object's body does not see the part a few cells away; a third cheaper.
+    # The undilated tiny network with 1x1 convs at stride 8: a ~45 px receptive field, each cell judging
+    # its own neighbourhood, and a third cheaper (docs/DEMO.md section 7 measures it on the demo's data).
     "resnet38d_tiny_local": {
         "widths": (8, 16, 32, 64, 128, 256, 512), "blocks": (1, 1, 1, 1), "dilated": False, "deep_kernel": 1,
     },
