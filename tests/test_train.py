@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from small_runs import SMALL_TRAINING
 
-from cse_ray.config import load_config
+from cse_ray.config import load_config, with_overrides
+from cse_ray.data.voc import read_list
 from cse_ray.models import build_classifier, load_weights
 from cse_ray.train import TEST_FAULT_ENV, TEST_NAN_ENV, train_cam, train_cse
 from cse_ray.train.checkpoints import STATE_FILE, checkpoint_name
@@ -116,6 +120,27 @@ def test_bad_inputs_stop_before_ray_starts(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not any(ray_dir.iterdir())
+
+
+def test_an_image_without_any_class_stops_train_cse_naming_it(tmp_path: Path) -> None:
+    from cse_ray.data.prepare import resolve_data_root
+    from cse_ray.errors import UserError
+    from cse_ray.train import prepare_stage
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", SMALL)
+    root = Path(resolve_data_root(cfg, str(tmp_path)))
+    name = read_list(root / "ImageSets" / "Segmentation" / "train.txt")[3]
+    annotation = root / "Annotations" / f"{name}.xml"  # where the image-level labels are read from
+    tree = ElementTree.parse(annotation)
+    for obj in tree.getroot().findall("object"):
+        tree.getroot().remove(obj)
+    tree.write(annotation)
+    mask = root / "SegmentationClass" / f"{name}.png"
+    Image.fromarray(np.zeros_like(np.array(Image.open(mask)))).save(mask)  # background only
+    (root / "cls_labels.npy").unlink(missing_ok=True)  # no stale label cache
+    with pytest.raises(UserError, match=rf"data.train_list: 1 of 16 images have no foreground class "
+                                        rf"\(first: {name}\)"):
+        prepare_stage("train_cse", with_overrides(cfg, {"data.root": str(root)}), str(tmp_path))
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(

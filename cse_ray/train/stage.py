@@ -105,6 +105,7 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
         raise UserError(f"config key model.pretrained: {cfg.model.pretrained} not found")
     classifier = classifier_sha256 = ""
     if stage == "train_cse":
+        check_every_image_has_a_class(train)
         classifier = classifier_checkpoint(cfg, out)
         if not artifacts.exists(classifier):
             raise UserError(
@@ -123,6 +124,15 @@ def prepare_stage(stage: str, cfg: Config, out: str) -> StageInputs:
         classifier_sha256 = artifacts.file_sha256(classifier) if classifier else ""
     return StageInputs(stage, to_dict(cfg), out, train, val, classifier, classifier_sha256,
                        FaultHooks.from_env(), progress_bar=sys.stderr.isatty(), seg=seg)
+
+
+def check_every_image_has_a_class(train: Split) -> None:
+    """The eraser erases one present class per image: an image without any cannot be trained on."""
+    empty = [name for name in train.names if not train.labels[name].any()]
+    if empty:
+        raise UserError(f"config key data.train_list: {len(empty)} of {len(train.names)} images have no "
+                        f"foreground class (first: {empty[0]}); train-cse erases one present class per "
+                        "image: leave them out of the list")
 
 
 def check_same_classifier(stage: StageLayout, classifier: str) -> str:
