@@ -117,7 +117,7 @@ def random_walk_stage(cfg: Config, run: RunLayout, eraser: str, val_out: InferLa
     train_aff(cfg, run.root)
     affinity = run.stage("train_aff").model
     walks = [(val_out, cfg.data.val_list)]
-    if cfg.pipeline.seg and cfg.train_seg.labels == "rw" and not cfg.train_seg.labels_dir:
+    if _seg_learns_from_walk(cfg):
         walks.insert(0, (_training_walk(cfg, run), _affinity_list(cfg)))
     for folder, names in walks:
         summary = run_rw(cfg, folder.root, checkpoint=affinity, list_name=names, progress=False)
@@ -133,6 +133,12 @@ def _affinity_list(cfg: Config) -> str:
 def _shares_inference(cfg: Config) -> bool:
     """The affinity list is the inference list: its inference also makes the two confident CRF maps."""
     return cfg.pipeline.rw and _affinity_list(cfg) == cfg.data.infer_list
+
+
+def _seg_learns_from_walk(cfg: Config) -> bool:
+    """The segmentation network's labels are the training images' walk (train_seg.labels: rw, no
+    train_seg.labels_dir of its own), so the training list must be walked."""
+    return cfg.pipeline.seg and not cfg.train_seg.labels_dir and cfg.train_seg.labels == "rw"
 
 
 def _training_walk(cfg: Config, run: RunLayout) -> InferLayout:
@@ -173,14 +179,14 @@ def segmentation_stage(cfg: Config, run: RunLayout, root: str, val_names, result
 def seg_overrides(cfg: Config, run: RunLayout) -> dict:
     """Where the pipeline's segmentation network finds its labels and images (train_seg.labels)."""
     t = cfg.train_seg
-    if t.labels_dir:
-        return {}
-    if t.labels == "rw":
+    if _seg_learns_from_walk(cfg):
         if not cfg.pipeline.rw:
             raise UserError("config key train_seg.labels: rw, but pipeline.rw is false (no random walk "
                             "runs); turn it on, or use train_seg.labels=pseudo or train_seg.labels_dir")
         return {"train_seg.labels_dir": _training_walk(cfg, run).rw_dir,
                 "train_seg.train_list": _affinity_list(cfg)}
+    if t.labels_dir:
+        return {}
     return {"train_seg.labels_dir": run.infer.pseudo_dir,
             "train_seg.train_list": t.train_list or cfg.data.infer_list}
 
