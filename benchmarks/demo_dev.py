@@ -14,7 +14,8 @@ without looking at the validation ground truth that the demo reports. Per networ
 
   miou, t        CAM mIoU (scale 1.0, thresholds 0.05..0.95) and its threshold, on the dev split
   part, body     mean max-normalised CAM of the present class on its part pixels / on the rest of the
-                 object; bodycov: share of body pixels above 0.5
+                 object; far: on the half of the body farthest from the part; bodycov: share of body
+                 pixels above 0.5
   rec            share of present classes with p > 0.5; rec_hidden on the same scenes with the parts
                  painted as body; rec_zeroed with the part pixels set to the mean colour (what erasing
                  the part alone leaves)
@@ -92,14 +93,22 @@ def _mean(values: list) -> float:
     return round(float(np.mean(values)), 3) if values else float("nan")
 
 
+def _far_half(part: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The body pixels farther from the part's centre than the body's median distance."""
+    ys, xs = np.nonzero(part)
+    yy, xx = np.indices(part.shape)
+    dist = np.hypot(yy - ys.mean(), xx - xs.mean())
+    return dist > np.median(dist[body])
+
+
 @torch.no_grad()
 def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone: str) -> dict:
     """The JSON line of the module docstring for one network, against the ordinary classifier."""
     model, classifier = _load(model_path, backbone), _load(classifier_path, backbone)
     sweep = ConfusionSweep(THRESHOLDS, keep_per_image=False)
     stats: dict[str, list] = {key: [] for key in (
-        "part", "body", "bodycov", "rec", "rec_hidden", "rec_zeroed", "mask_part", "mask_body", "mask_bg",
-        "p_before", "p_after_erase")}
+        "part", "body", "far", "bodycov", "rec", "rec_hidden", "rec_zeroed", "mask_part", "mask_body",
+        "mask_bg", "p_before", "p_after_erase")}
     for scene in scenes:
         gt, parts = scene["gt"], scene["parts"]
         cams, classes = multiscale_cam(model, scene["image"], scene["label"], (1.0,))
@@ -119,6 +128,8 @@ def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone:
             if body.any():
                 stats["body"].append(cams[k][body].mean())
                 stats["bodycov"].append((cams[k][body] > 0.5).mean())
+                if part.any():
+                    stats["far"].append(cams[k][body & _far_half(part, body)].mean())
                 stats["mask_body"].append(float(mask[torch.from_numpy(body)].mean()))
             stats["mask_bg"].append(float(mask[torch.from_numpy(gt == 0)].mean()))
             for key, p in zip(("rec", "rec_hidden", "rec_zeroed"), probs):
@@ -198,6 +209,7 @@ def main() -> None:
     tr.add_argument("--design", default='{"body_texture": "family"}')
     tr.add_argument("--work", default="/tmp/demo_dev")
     tr.add_argument("--train-images", type=int, default=1500)
+    tr.add_argument("--size", type=int, default=128, help="image size (long side) of train and dev scenes")
     tr.add_argument("--cam-epochs", type=int, default=12)
     tr.add_argument("--cam-lr", type=float, default=0.1)
     tr.add_argument("--cam-head-lr", choices=("x10", "x1"), default="x10", help="as train_cam.head_lr")
@@ -223,13 +235,15 @@ def main() -> None:
 
     design = json.loads(args.design)
     work = Path(args.work)
-    data = work / f"data_{_key(design)}_n{args.train_images}"
-    generate(data, train=args.train_images, val=1, size=128, seed=0, **design)
+    sized = "" if args.size == 128 else f"_px{args.size}"
+    data = work / f"data_{_key(design)}_n{args.train_images}{sized}"
+    generate(data, train=args.train_images, val=1, size=args.size, seed=0, **design)
     names = read_list(list_path(data, "train"))
-    dataset = TrainDataset(str(data), names, read_image_labels(str(data), names), crop=128,
-                           resize_long=(112, 144), seed=args.seed, jitter_strength=JITTER)
-    scenes = dev_split(design, args.dev_images)
-    stem = f"{_key(design)}_n{args.train_images}_e{args.cam_epochs}_lr{args.cam_lr}_s{args.seed}"
+    dataset = TrainDataset(str(data), names, read_image_labels(str(data), names), crop=args.size,
+                           resize_long=(args.size * 7 // 8, args.size * 9 // 8), seed=args.seed,
+                           jitter_strength=JITTER)
+    scenes = dev_split(design, args.dev_images, size=args.size)
+    stem = f"{_key(design)}_n{args.train_images}{sized}_e{args.cam_epochs}_lr{args.cam_lr}_s{args.seed}"
     stem += "_head1x" if args.cam_head_lr == "x1" else ""
     stem += "" if args.backbone == "resnet38d_tiny_undilated" else f"_{args.backbone}"
     classifier = work / f"cam_{stem}.pth"

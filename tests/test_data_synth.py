@@ -178,6 +178,28 @@ def test_part_covers_the_requested_fraction_of_each_object() -> None:
         assert fraction * 0.7 < np.median(ratios) < fraction * 1.5
 
 
+def test_parts_placed_at_the_end_lie_farther_from_the_body_centre() -> None:
+    """part_place='end' puts the part out on the long axis: its centre is farther from the object's
+    centroid than with 'inside', measured in object lengths, and it still lies within the body."""
+
+    def offsets(place: str) -> list[float]:
+        options = synth.make_options(part_place=place)
+        found = []
+        for index in range(16):
+            sample = synth.render_sample(0, "val", index, 128, options)
+            for obj in sample.objects:
+                k = obj.class_index + 1
+                part, whole = sample.parts == k, (sample.label == k) | (sample.parts == k)
+                assert part.any() and np.all(sample.label[part] != 0)
+                centre = np.argwhere(whole).mean(0)
+                length = np.ptp(np.argwhere(whole), axis=0).max()
+                found.append(float(np.linalg.norm(np.argwhere(part).mean(0) - centre) / length))
+        return found
+
+    inside, end = offsets("inside"), offsets("end")
+    assert np.median(end) > 0.2 > np.median(inside)
+
+
 def test_class_looks_make_every_class_unique() -> None:
     looks = synth.CLASS_LOOKS
     assert [look.name for look in looks] == VOC_NAMES
@@ -218,6 +240,7 @@ def test_family_texture_changes_only_the_bodies_whose_class_texture_differs() ->
         ({"part_strength": 1.5}, "part_strength"),
         ({"body_texture": "shared"}, "body_texture"),
         ({"partless": -0.1}, "partless"),
+        ({"part_place": "edge"}, "part_place"),
         ({"max_objects": 4}, "max_objects"),
         ({"colour": 1}, "colour"),
     ],

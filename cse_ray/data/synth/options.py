@@ -12,6 +12,8 @@ from cse_ray.config import SynthConfig
 from cse_ray.data.synth.looks import BODY_TEXTURES
 from cse_ray.errors import UserError
 
+PART_PLACES = ("inside", "end")
+
 
 @dataclass(frozen=True)
 class SynthOptions:
@@ -33,6 +35,7 @@ class SynthOptions:
     part_masks: bool = False
     body_texture: str = SynthConfig.body_texture
     partless: float = SynthConfig.partless
+    part_place: str = "inside"
 
     def validate(self) -> SynthOptions:
         def bad(key: str, why: str) -> UserError:
@@ -61,6 +64,8 @@ class SynthOptions:
             raise bad("ignore_width", "must lie in 0..8")
         if not 0.0 <= self.partless <= 1.0:
             raise bad("partless", "must lie in [0, 1]")
+        if self.part_place not in PART_PLACES:
+            raise bad("part_place", f"must be one of {', '.join(PART_PLACES)}")
         if self.body_texture not in BODY_TEXTURES:
             raise bad("body_texture", f"must be one of {', '.join(BODY_TEXTURES)}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -88,6 +93,9 @@ OPTION_HELP: dict[str, str] = {
     "family share one texture, so only the silhouette (seen from afar) and the part tell them apart",
     "partless": "0..1: the share of training-split objects drawn without their part (as if it were occluded "
     "or out of frame), so that bodies alone are class evidence; validation objects always show theirs",
+    "part_place": "'inside': the part's centre anywhere within 45 % of the body's half-axes of its centre; "
+    "'end': on the long axis, as far toward one end as it fits (a head), so most of the body lies beyond "
+    "the part's neighbourhood",
     "part_masks": "also write SegmentationPart/NAME.png (class index + 1 on part pixels) for diagnostics",
 }
 

@@ -217,9 +217,18 @@ def _draw_appearance(
     return _Appearance(a, b, phases, body_hsv, period, shade_angle, part_radius)
 
 
+def _part_offsets(offset: np.ndarray, a: float, b: float, place: str) -> list[tuple[float, float]]:
+    """Where to try the part's centre, in the object's frame, first to last (the centre always last).
+    'end' takes only the side from the pose's draw, so both places consume the same random numbers."""
+    if place == "end":
+        side = 1.0 if offset[0] >= 0 else -1.0
+        return [(side * f * a, 0.0) for f in (0.65, 0.55, 0.45, 0.35)] + [(0.0, 0.0)]
+    return [(offset[0] * a, offset[1] * b), (0.0, 0.0)]
+
+
 def _place(
     rng: np.random.Generator, shape: str, app: _Appearance, ys: np.ndarray, xs: np.ndarray,
-    placed: list[_Placed],
+    placed: list[_Placed], part_place: str = "inside",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(u, v, body mask, part distance map) of the first of 12 random poses (then the centre) where the
     body lies mostly inside the image, its part fully inside body and image, and it neither hides more
@@ -243,7 +252,7 @@ def _place(
         if body.sum() < 0.5 * SHAPE_AREA[shape] * a * b:
             continue  # mostly outside the image
         part = None
-        for pu, pv in ((part_offset[0] * a, part_offset[1] * b), (0.0, 0.0)):
+        for pu, pv in _part_offsets(part_offset, a, b, part_place):
             px = cx + pu * math.cos(angle) - pv * math.sin(angle)
             py = cy + pu * math.sin(angle) + pv * math.cos(angle)
             if not (part_radius <= px <= width - part_radius and part_radius <= py <= height - part_radius):
@@ -317,7 +326,7 @@ def render_sample(
     for class_index, no_part in zip(classes, partless):
         look = CLASS_LOOKS[int(class_index)]
         app = _draw_appearance(rng, look, opts, short, shrink, size)
-        pose = _place(rng, look.shape, app, ys, xs, placed)
+        pose = _place(rng, look.shape, app, ys, xs, placed, opts.part_place)
         if pose is None:
             continue
         u, v, body, dist = pose

@@ -99,7 +99,7 @@ def _params(train: int, val: int, size: int, seed: int, options: SynthOptions) -
 
 # Options added after sets were written, with what their absence means: a set written before an option
 # existed was made with its neutral value, so it still counts as the same set.
-OPTIONS_ADDED_LATER = {"partless": 0.0}
+OPTIONS_ADDED_LATER = {"partless": 0.0, "part_place": "inside"}
 
 
 def read_params(path: Path) -> dict | None:
