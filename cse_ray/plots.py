@@ -88,6 +88,25 @@ def cam_overlay(image: np.ndarray, cams: np.ndarray, alpha: float = 0.5) -> np.n
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
+def cam_gain_overlay(image: np.ndarray, cams: np.ndarray, baseline: np.ndarray,
+                     full: float = 0.5) -> np.ndarray:
+    """Where one network's CAM rose or fell against another's on the same image: H x W x 3 uint8.
+
+    Both are K x H x W in [0, 1] over the same present classes; per pixel the strongest class of each is
+    compared. Red where `cams` is higher, blue where lower, over the image in grey; a difference of
+    `full` or more is pure colour. The eye sees the CAM's spread at once, which two heat maps side by
+    side hide when both are bright.
+    """
+    grey = np.asarray(image, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    picture = np.repeat(grey[..., None], 3, axis=-1)
+    if len(cams) == 0:
+        return np.clip(picture + 0.5, 0, 255).astype(np.uint8)
+    gain = np.asarray(cams, np.float32).max(axis=0) - np.asarray(baseline, np.float32).max(axis=0)
+    weight = np.clip(np.abs(gain) / full, 0.0, 1.0)[..., None]
+    colour = np.where(gain[..., None] > 0, np.float32([230, 20, 20]), np.float32([20, 60, 230]))
+    return np.clip((1.0 - weight) * picture + weight * colour + 0.5, 0, 255).astype(np.uint8)
+
+
 def label_colours(label: np.ndarray, palette: Sequence[int]) -> np.ndarray:
     """A palette label map (H x W of indices) as RGB, for contact sheets."""
     table = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)

@@ -111,25 +111,29 @@ def write_report(report: dict, run: RunLayout) -> None:
     artifacts.write_json(run.report_json, report)
 
 
-def write_contact_sheet(run: RunLayout, root: str, names: Sequence[str], columns: dict[str, tuple[str, str]],
+def write_contact_sheet(run: RunLayout, root: str, names: Sequence[str], columns: dict[str, tuple[str, ...]],
                         gt_dir: str) -> str:
     """image | ground truth | one column per model, one row per validation image.
 
-    `columns`: title -> ("cam", inference folder) for a CAM overlay, or ("label", folder of label PNGs).
+    `columns`: title -> ("cam", inference folder) for a CAM overlay, ("label", folder of label PNGs), or
+    ("gain", folder, baseline folder) for where the first CAM rose (red) or fell (blue) against the second.
     """
     from cse_ray.data.voc import image_path
     from cse_ray.formats import read_image, read_label_png, write_rgb_png
     from cse_ray.infer import load_cams
     from cse_ray.labels import PALETTE
-    from cse_ray.plots import cam_overlay, contact_sheet, label_colours
+    from cse_ray.plots import cam_gain_overlay, cam_overlay, contact_sheet, label_colours
 
     rows = []
     for name in names[:CONTACT_SHEET_IMAGES]:
         image = read_image(image_path(root, name))
         row = [image, label_colours(read_label_png(artifacts.join(gt_dir, f"{name}.png")), PALETTE)]
-        for kind, folder in columns.values():
+        for kind, folder, *baseline in columns.values():
             if kind == "cam":
                 row.append(cam_overlay(image, load_cams(folder, name)[0]))
+            elif kind == "gain":
+                before = load_cams(baseline[0], name)[0]
+                row.append(cam_gain_overlay(image, load_cams(folder, name)[0], before))
             else:
                 row.append(label_colours(read_label_png(artifacts.join(folder, f"{name}.png")), PALETTE))
         rows.append(row)

@@ -97,10 +97,11 @@ def test_pipeline_writes_the_run_directory_and_a_rerun_does_nothing(
     assert all(row["pseudo_label"] == f"pseudo_labels/{row['name']}.png" for row in rows)
     assert {(row["pseudo_source"], row["pseudo_value"]) for row in rows} == {("crf", report["best_alpha"])}
 
-    # The contact sheet: image, ground truth, ordinary / control / OC-CSE CAMs, CRF; a row per val image.
+    # The contact sheet: image, ground truth, ordinary / control / OC-CSE CAMs, where OC-CSE's CAM rose
+    # or fell against the control's, CRF; a row per val image.
     with Image.open(out / "contact_sheet.png") as sheet:
         cell, pad, header = 128, 4, 18
-        assert sheet.size == (6 * (cell + pad) + pad, header + 6 * (cell + pad) + pad)
+        assert sheet.size == (7 * (cell + pad) + pad, header + 6 * (cell + pad) + pad)
 
     # The same command again: the report is there, so nothing runs and nothing is rewritten.
     watched = [out / "report.json", out / "manifest.parquet", out / "train_cam" / "events.log",

@@ -86,6 +86,6 @@ def test_pipeline_with_the_random_walk_and_the_segmentation_network(ray_session,
     for name in val:
         np.testing.assert_array_equal(np.array(Image.open(again / f"{name}.png")),
                                       np.array(Image.open(out / "seg" / f"{name}.png")))
-    # image, ground truth, ordinary CAM, OC-CSE CAM, OC-CSE + CRF, OC-CSE + RW, segmentation network:
-    # 128-pixel cells, 4 apart
-    assert Image.open(out / "contact_sheet.png").width == 7 * (128 + 4) + 4
+    # image, ground truth, ordinary CAM, OC-CSE CAM, OC-CSE - ordinary, OC-CSE + CRF, OC-CSE + RW,
+    # segmentation network: 128-pixel cells, 4 apart
+    assert Image.open(out / "contact_sheet.png").width == 8 * (128 + 4) + 4

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cse_ray.formats import encode_rgb_png
 from cse_ray.labels import PALETTE
-from cse_ray.plots import cam_overlay, contact_sheet, label_colours, render_line_plot
+from cse_ray.plots import cam_gain_overlay, cam_overlay, contact_sheet, label_colours, render_line_plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +79,15 @@ def test_overlays_and_label_colours():
     label = np.array([[0, 1], [15, 255]], np.uint8)
     colours = label_colours(label, PALETTE)
     assert colours[0, 1].tolist() == PALETTE[3:6] and colours[1, 1].tolist() == PALETTE[765:768]
+
+
+def test_the_gain_overlay_is_red_where_the_cam_rose_and_blue_where_it_fell():
+    image = np.full((1, 4, 3), 100, np.uint8)
+    baseline = np.array([[[0.2, 0.5, 0.5, 0.9]]], np.float32)
+    cams = np.array([[[0.9, 0.5, 0.6, 0.2]]], np.float32)  # +0.7, 0, +0.1, -0.7
+    picture = cam_gain_overlay(image, cams, baseline)
+    assert picture[0, 0].tolist() == [230, 20, 20]  # rose by more than `full`: pure red
+    assert picture[0, 1].tolist() == [100, 100, 100]  # unchanged: the image in grey
+    assert picture[0, 2, 0] > 100 > picture[0, 2, 2]  # rose a little: a tint of red
+    assert picture[0, 3].tolist() == [20, 60, 230]  # fell: blue
+    assert np.array_equal(cam_gain_overlay(image, cams[:0], baseline[:0]), image)
