@@ -3,9 +3,12 @@ erasing mask covers, and whether the classifier still recognises an object witho
 
     # the three networks of a finished pipeline run (ordinary, OC-CSE eraser, the w = 0 control)
     .venv/bin/python benchmarks/demo_dev.py run runs/demo
+    # where the eraser's CAM rose against the control's and the ordinary one's (the contact sheet's
+    # difference column, averaged by region over the run's validation images)
+    .venv/bin/python benchmarks/demo_dev.py gain runs/demo
     # or train them here, in one process (no Ray), on a design of the synthetic set
     .venv/bin/python benchmarks/demo_dev.py train --design '{"body_texture": "family"}' \\
-        --cam-epochs 12 --cse w=1,ep=3 w=0,ep=3
+        --cam-epochs 12 --cse w=1,ep=3 w=0,ep=3 --sheet /tmp/dev_sheet.png
 
 The dev split is never the demo's validation split: it is `render_sample(dev_seed=1, "val", i)` with
 the run's design options, rendered in memory with its part map (`part_masks`) and once more with the
@@ -144,6 +147,42 @@ def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone:
     return {"miou": round(result.miou, 2), "t": result.threshold, **{k: _mean(v) for k, v in stats.items()}}
 
 
+def cam_gain_by_region(root: Path) -> dict[str, dict]:
+    """Mean (OC-CSE CAM - baseline CAM) of each present class on its part, the near and far halves of its
+    body, an 8-pixel ring of background around the objects, and the rest of the background: what the
+    contact sheet's difference column shows, averaged over the run's validation images. It describes a
+    finished run (the scenes re-rendered for their part maps); nothing is chosen on it."""
+    import yaml
+
+    from cse_ray.data.synth.render import grow
+    from cse_ray.infer import load_cams
+
+    synth = yaml.safe_load((root / "config.yaml").read_text())["data"]["synth"]
+    design = {k: v for k, v in synth.items() if k not in ("enabled", "train", "val", "size", "seed")}
+    options = make_options(**design, part_masks=True)
+    folders = {"eraser": root / "val", "control": root / "control", "ordinary": root / "ordinary"}
+    names = read_list(list_path(root / "data", "val"))
+    sums: dict[str, dict[str, list]] = {"control": {}, "ordinary": {}}
+    for index, name in enumerate(names):
+        sample = render_sample(synth["seed"], "val", index, synth["size"], options)
+        cams = {key: load_cams(str(folder), name) for key, folder in folders.items()}
+        objects = (sample.label > 0) & (sample.label < 255)
+        ring = grow(objects | (sample.label == 255), 8) & ~objects & (sample.label != 255)
+        for k, c in enumerate(cams["eraser"][1]):
+            part, whole = sample.parts == c + 1, sample.label == c + 1
+            if not part.any():
+                continue
+            far = _far_half(part, whole)
+            regions = {"part": part, "near": whole & ~part & ~far, "far": whole & ~part & far, "ring": ring,
+                       "background": (sample.label == 0) & ~ring}
+            for baseline, table in sums.items():
+                gain = cams["eraser"][0][k] - cams[baseline][0][k]
+                for region, mask in regions.items():
+                    if mask.any():
+                        table.setdefault(region, []).append(float(gain[mask].mean()))
+    return {baseline: {region: _mean(v) for region, v in table.items()} for baseline, table in sums.items()}
+
+
 def _batches(dataset: TrainDataset, seed: int, epoch: int, batch: int = 8):
     dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -205,6 +244,9 @@ def main() -> None:
     run = sub.add_parser("run", help="measure a finished pipeline run's networks")
     run.add_argument("run_dir")
     run.add_argument("--design", default=None, help="JSON design options (default: the run's data.synth)")
+    gain = sub.add_parser("gain", help="where a finished run's OC-CSE CAM differs from the control's and "
+                          "the ordinary one's, by region, on the run's own validation images")
+    gain.add_argument("run_dir")
     tr = sub.add_parser("train", help="train a classifier and erasers here, then measure them")
     tr.add_argument("--design", default='{"body_texture": "family"}')
     tr.add_argument("--work", default="/tmp/demo_dev")
@@ -215,9 +257,16 @@ def main() -> None:
     tr.add_argument("--cam-head-lr", choices=("x10", "x1"), default="x10", help="as train_cam.head_lr")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--cse", nargs="*", default=[], help="erasers: w=W,slope=S,ep=E,lr=LR,norm=batch|image")
+    tr.add_argument("--sheet", default=None, help="PNG: 8 dev scenes, the ordinary and every eraser's "
+                    "CAM, and where the first eraser's CAM rose (red) or fell (blue) against the last "
+                    "eraser's (or the ordinary one's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.command == "gain":
+        for baseline, line in cam_gain_by_region(Path(args.run_dir)).items():
+            print(f"OC-CSE - {baseline}", json.dumps(line), flush=True)
+        return
     if args.command == "run":
         import yaml
 
@@ -252,6 +301,7 @@ def main() -> None:
               head_lr=args.cam_head_lr)
     ordinary = measure(str(classifier), scenes, str(classifier), args.backbone)
     print("ordinary", json.dumps(ordinary), flush=True)
+    networks = {"ordinary": str(classifier)}
     for spec in args.cse:
         given = dict(item.split("=") for item in spec.split(","))
         epochs, lr = int(given.get("ep", 3)), float(given.get("lr", 0.01))
@@ -263,6 +313,29 @@ def main() -> None:
         for epoch in range(1, epochs + 1):
             line = json.dumps(measure(f"{eraser}.ep{epoch}", scenes, str(classifier), args.backbone))
             print(f"eraser {spec} epoch {epoch}", line, flush=True)
+        networks[spec] = str(eraser)
+    if args.sheet:
+        write_sheet(args.sheet, scenes[:8], networks, args.backbone)
+
+
+def write_sheet(path: str, scenes: list[dict], networks: dict[str, str], backbone: str) -> None:
+    """image | each network's CAM (scale 1, strongest present class) | first eraser - baseline."""
+    from cse_ray.formats import write_rgb_png
+    from cse_ray.plots import cam_gain_overlay, cam_overlay, contact_sheet
+
+    models = {name: _load(file, backbone) for name, file in networks.items()}
+    names = list(models)
+    baseline = names[-1] if len(names) > 2 else names[0]  # the control when given, else the ordinary
+    rows = []
+    for scene in scenes:
+        cams = {name: multiscale_cam(model, scene["image"], scene["label"], (1.0,))[0]
+                for name, model in models.items()}
+        row = [scene["image"], *(cam_overlay(scene["image"], cams[name]) for name in names)]
+        if len(names) > 1:
+            row.append(cam_gain_overlay(scene["image"], cams[names[1]], cams[baseline]))
+        rows.append(row)
+    gain = [f"{names[1]} - {baseline}"] if len(names) > 1 else []
+    write_rgb_png(path, contact_sheet(rows, ["image", *names, *gain], cell=160))
 
 
 if __name__ == "__main__":
