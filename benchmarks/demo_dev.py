@@ -147,18 +147,23 @@ def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone:
     return {"miou": round(result.miou, 2), "t": result.threshold, **{k: _mean(v) for k, v in stats.items()}}
 
 
+def _run_synth(root: Path) -> tuple[dict, dict]:
+    """A finished run's `data.synth` section and, of it, the design options (what render_sample takes)."""
+    import yaml
+
+    synth = yaml.safe_load((root / "config.yaml").read_text())["data"]["synth"]
+    return synth, {k: v for k, v in synth.items() if k not in ("enabled", "train", "val", "size", "seed")}
+
+
 def cam_gain_by_region(root: Path) -> dict[str, dict]:
     """Mean (OC-CSE CAM - baseline CAM) of each present class on its part, the near and far halves of its
     body, an 8-pixel ring of background around the objects, and the rest of the background: what the
     contact sheet's difference column shows, averaged over the run's validation images. It describes a
     finished run (the scenes re-rendered for their part maps); nothing is chosen on it."""
-    import yaml
-
     from cse_ray.data.synth.render import grow
     from cse_ray.infer import load_cams
 
-    synth = yaml.safe_load((root / "config.yaml").read_text())["data"]["synth"]
-    design = {k: v for k, v in synth.items() if k not in ("enabled", "train", "val", "size", "seed")}
+    synth, design = _run_synth(root)
     options = make_options(**design, part_masks=True)
     folders = {"eraser": root / "val", "control": root / "control", "ordinary": root / "ordinary"}
     names = read_list(list_path(root / "data", "val"))
@@ -268,12 +273,8 @@ def main() -> None:
             print(f"OC-CSE - {baseline}", json.dumps(line), flush=True)
         return
     if args.command == "run":
-        import yaml
-
         root = Path(args.run_dir)
-        synth = yaml.safe_load((root / "config.yaml").read_text())["data"]["synth"]
-        design = json.loads(args.design) if args.design else {
-            k: v for k, v in synth.items() if k not in ("enabled", "train", "val", "size", "seed")}
+        design = json.loads(args.design) if args.design else _run_synth(root)[1]
         scenes = dev_split(design, args.dev_images)
         classifier = str(root / "train_cam" / "model.pth")
         for name, path in (("ordinary", classifier), ("eraser", root / "train_cse" / "model.pth"),

@@ -263,14 +263,14 @@ def finish(cfg: Config, run: RunLayout, root: str, val_names, results, val_out: 
     from cse_ray.report import report_dict, summary_table, write_contact_sheet, write_report
 
     best_alpha = results.best_alpha
+    control = run.control.infer.root if results.control_cam is not None else None
     columns: dict[str, tuple[str, ...]] = {"ordinary CAM": ("cam", run.ordinary.root)}
-    if results.control_cam is not None:
-        columns["control CAM (w = 0)"] = ("cam", run.control.infer.root)
+    if control:
+        columns["control CAM (w = 0)"] = ("cam", control)
     columns["OC-CSE CAM"] = ("cam", val_out.root)
-    if results.control_cam is not None:  # where erasing moved the CAM: against the control when there is one
-        columns["OC-CSE - control"] = ("gain", val_out.root, run.control.infer.root)
-    else:
-        columns["OC-CSE - ordinary"] = ("gain", val_out.root, run.ordinary.root)
+    # Where erasing moved the CAM: against the control when there is one.
+    columns["OC-CSE - control" if control else "OC-CSE - ordinary"] = (
+        "gain", val_out.root, control or run.ordinary.root)
     if best_alpha is not None:
         columns["OC-CSE + CRF"] = ("label", val_out.crf_dir(best_alpha))
     if results.rw is not None:

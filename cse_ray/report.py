@@ -124,16 +124,17 @@ def write_contact_sheet(run: RunLayout, root: str, names: Sequence[str], columns
     from cse_ray.labels import PALETTE
     from cse_ray.plots import cam_gain_overlay, cam_overlay, contact_sheet, label_colours
 
+    cam_folders = {folder for kind, *folders in columns.values() if kind != "label" for folder in folders}
     rows = []
     for name in names[:CONTACT_SHEET_IMAGES]:
         image = read_image(image_path(root, name))
         row = [image, label_colours(read_label_png(artifacts.join(gt_dir, f"{name}.png")), PALETTE)]
+        cams = {folder: load_cams(folder, name)[0] for folder in cam_folders}  # each read once
         for kind, folder, *baseline in columns.values():
             if kind == "cam":
-                row.append(cam_overlay(image, load_cams(folder, name)[0]))
+                row.append(cam_overlay(image, cams[folder]))
             elif kind == "gain":
-                before = load_cams(baseline[0], name)[0]
-                row.append(cam_gain_overlay(image, load_cams(folder, name)[0], before))
+                row.append(cam_gain_overlay(image, cams[folder], cams[baseline[0]]))
             else:
                 row.append(label_colours(read_label_png(artifacts.join(folder, f"{name}.png")), PALETTE))
         rows.append(row)

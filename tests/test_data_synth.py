@@ -163,18 +163,22 @@ def test_partless_training_objects_lose_their_part_and_nothing_else() -> None:
     assert 0.3 < lost / (lost + kept) < 0.7
 
 
+def _parts_and_objects(options: synth.SynthOptions, scenes: int):
+    """(part mask, whole-object mask) of every object in the first validation scenes; each part is
+    checked to be visible and to lie inside its object."""
+    for index in range(scenes):
+        sample = synth.render_sample(0, "val", index, 128, options)
+        for obj in sample.objects:
+            k = obj.class_index + 1
+            part, whole = sample.parts == k, (sample.label == k) | (sample.parts == k)
+            assert part.any() and np.all(sample.label[part] != 0)
+            yield part, whole
+
+
 def test_part_covers_the_requested_fraction_of_each_object() -> None:
     for fraction in (0.05, 0.12):
         options = synth.make_options(part_fraction=fraction)
-        ratios = []
-        for index in range(12):
-            sample = synth.render_sample(0, "val", index, 128, options)
-            for obj in sample.objects:
-                k = obj.class_index + 1
-                part_pixels = int((sample.parts == k).sum())
-                object_pixels = int(((sample.label == k) | (sample.parts == k)).sum())
-                assert part_pixels > 0 and np.all(sample.label[sample.parts == k] != 0)
-                ratios.append(part_pixels / object_pixels)
+        ratios = [part.sum() / whole.sum() for part, whole in _parts_and_objects(options, 12)]
         assert fraction * 0.7 < np.median(ratios) < fraction * 1.5
 
 
@@ -183,17 +187,11 @@ def test_parts_placed_at_the_end_lie_farther_from_the_body_centre() -> None:
     centroid than with 'inside', measured in object lengths, and it still lies within the body."""
 
     def offsets(place: str) -> list[float]:
-        options = synth.make_options(part_place=place)
         found = []
-        for index in range(16):
-            sample = synth.render_sample(0, "val", index, 128, options)
-            for obj in sample.objects:
-                k = obj.class_index + 1
-                part, whole = sample.parts == k, (sample.label == k) | (sample.parts == k)
-                assert part.any() and np.all(sample.label[part] != 0)
-                centre = np.argwhere(whole).mean(0)
-                length = np.ptp(np.argwhere(whole), axis=0).max()
-                found.append(float(np.linalg.norm(np.argwhere(part).mean(0) - centre) / length))
+        for part, whole in _parts_and_objects(synth.make_options(part_place=place), 16):
+            pixels = np.argwhere(whole)
+            length = np.ptp(pixels, axis=0).max()
+            found.append(float(np.linalg.norm(np.argwhere(part).mean(0) - pixels.mean(0)) / length))
         return found
 
     inside, end = offsets("inside"), offsets("end")
