@@ -16,11 +16,11 @@ every image has exactly one manifest row. Where each file goes is `cse_ray.layou
 """
 
 from cse_ray.infer.confident import ConfidentSummary, write_confident_labels
-from cse_ray.infer.manifest import Manifest, read_manifest
-from cse_ray.infer.predict import TEST_KILL_PREDICT_MARKER, PredictSummary, run_predict
+from cse_ray.infer.manifest import LabelMapSummary, Manifest, read_manifest
+from cse_ray.infer.predict import TEST_KILL_PREDICT_MARKER, run_predict
 from cse_ray.infer.pseudo import PseudoLabelSummary, load_cams, write_pseudo_labels
 from cse_ray.infer.scheduler import InferSummary, run_infer
-from cse_ray.infer.walk import TEST_KILL_RW_MARKER, RwSummary, run_rw
+from cse_ray.infer.walk import TEST_KILL_RW_MARKER, run_rw
 from cse_ray.infer.workers import TEST_KILL_ENV, TEST_KILL_MARKER
 
 __all__ = [
@@ -30,10 +30,9 @@ __all__ = [
     "TEST_KILL_RW_MARKER",
     "ConfidentSummary",
     "InferSummary",
+    "LabelMapSummary",
     "Manifest",
-    "PredictSummary",
     "PseudoLabelSummary",
-    "RwSummary",
     "load_cams",
     "read_manifest",
     "run_infer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from cse_ray import artifacts
 from cse_ray.layout import InferLayout, PredictLayout
@@ -86,3 +87,22 @@ class Listing:
         if folder not in self._folders:
             self._folders[folder] = artifacts.list_files(self.layout.path(folder))
         return filename in self._folders[folder]
+
+
+@dataclass
+class LabelMapSummary:
+    """What a stage that writes one label map per image on Ray actors did (the random walk, predict)."""
+
+    stage: str
+    out: str
+    labels: str  # the folder of the label maps
+    images: int
+    done: int
+    skipped: int
+    failed: int
+    wall_seconds: float
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"{self.stage}: {self.images} images, {self.done} done, {self.skipped} skipped, "
+                f"{self.failed} failures; {self.wall_seconds:.1f} s; label maps under {self.labels}")

@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, CrfConfig
 from cse_ray.errors import UserError, short_error
-from cse_ray.infer.manifest import Manifest
+from cse_ray.infer.manifest import LabelMapSummary, Manifest
 from cse_ray.infer.plan import check_settings
 from cse_ray.infer.pool import run_on_actors
 from cse_ray.infer.workers import TEST_KILL_ENV, scheduling_options
@@ -48,21 +47,6 @@ def predict_manifest_schema():
         ("crf_s", number), ("write_s", number), ("node", text), ("actor", pa.int32()), ("pid", pa.int64()),
         ("crf_node", text),
     ])
-
-
-@dataclass
-class PredictSummary:
-    out: str
-    images: int
-    done: int
-    skipped: int
-    failed: int
-    wall_seconds: float
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def line(self) -> str:
-        return (f"predict: {self.images} images, {self.done} done, {self.skipped} skipped, "
-                f"{self.failed} failures; {self.wall_seconds:.1f} s; label maps under {self.out}")
 
 
 def find_images(folder: str) -> list[tuple[str, str]]:
@@ -221,7 +205,7 @@ def crf_and_write(payload: tuple | None, label_path: str, params: CrfConfig) -> 
 
 def run_predict(cfg: Config, out: str, checkpoint: str, *, images: str | None = None,
                 list_file: str | None = None, root: str | None = None, names: Sequence[str] | None = None,
-                progress: bool = True) -> PredictSummary:
+                progress: bool = True) -> LabelMapSummary:
     """Segment every image of the folder `images`, or of the list (`list_file`, or `names`) under the
     VOC root `root`, into `out/NAME.png`, resuming what exists. Network and classes come from
     `cfg.train_seg` and `cfg.data`, the test-time settings from `cfg.predict`."""
@@ -335,7 +319,7 @@ def run_predict(cfg: Config, out: str, checkpoint: str, *, images: str | None = 
         manifest.write()
         for actor in actors:
             ray.kill(actor)
-    summary = PredictSummary(out, len(jobs), done, skipped, len(errors), time.perf_counter() - started,
-                             errors)
+    summary = LabelMapSummary("predict", out, out, len(jobs), done, skipped, len(errors),
+                              time.perf_counter() - started, errors)
     print(summary.line())
     return summary

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, with_absolute_paths
 from cse_ray.errors import UserError, short_error
-from cse_ray.infer.manifest import Listing, Manifest
+from cse_ray.infer.manifest import LabelMapSummary, Listing, Manifest
 from cse_ray.infer.plan import check_settings
 from cse_ray.infer.pool import run_on_actors
 from cse_ray.infer.workers import TEST_KILL_ENV
@@ -42,22 +41,6 @@ def rw_manifest_schema():
         ("height", pa.int32()), ("width", pa.int32()), ("load_s", number), ("walk_s", number),
         ("write_s", number), ("node", text), ("actor", pa.int32()), ("pid", pa.int64()),
     ])
-
-
-@dataclass
-class RwSummary:
-    out: str
-    images: int
-    done: int
-    skipped: int
-    failed: int
-    wall_seconds: float
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def line(self) -> str:
-        return (f"rw: {self.images} images, {self.done} done, {self.skipped} skipped, "
-                f"{self.failed} failures; "
-                f"{self.wall_seconds:.1f} s; label maps under {InferLayout(self.out).rw_dir}")
 
 
 class RwWorker:
@@ -156,7 +139,7 @@ def load_affinity_state(backbone: str, checkpoint: str) -> tuple[dict, str]:
 
 
 def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str | None = None,
-           *, progress: bool = True) -> RwSummary:
+           *, progress: bool = True) -> LabelMapSummary:
     """Random-walk label maps for every image of the list (`rw.list`, else `data.infer_list`) from the
     CAMs stored in the inference folder `out`, resuming what exists."""
     from cse_ray.data.prepare import resolve_data_root
@@ -247,8 +230,8 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
         manifest.write()
         for actor in actors:
             ray.kill(actor)
-    summary = RwSummary(layout.root, len(names), done, skipped, len(errors), time.perf_counter() - started,
-                        errors)
+    summary = LabelMapSummary("rw", layout.root, layout.rw_dir, len(names), done, skipped, len(errors),
+                              time.perf_counter() - started, errors)
     print(summary.line())
     if refused:
         more = f" (and {len(refused) - 1} more images)" if len(refused) > 1 else ""
