@@ -257,6 +257,8 @@ def main() -> None:
     tr.add_argument("--work", default="/tmp/demo_dev")
     tr.add_argument("--train-images", type=int, default=1500)
     tr.add_argument("--size", type=int, default=128, help="image size (long side) of train and dev scenes")
+    tr.add_argument("--crop", type=int, default=None, help="training crop (default: --size); the dev "
+                    "scenes are measured whole")
     tr.add_argument("--cam-epochs", type=int, default=12)
     tr.add_argument("--cam-lr", type=float, default=0.1)
     tr.add_argument("--cam-head-lr", choices=("x10", "x1"), default="x10", help="as train_cam.head_lr")
@@ -289,12 +291,14 @@ def main() -> None:
     data = work / f"data_{_key(design)}_n{args.train_images}{sized}"
     generate(data, train=args.train_images, val=1, size=args.size, seed=0, **design)
     names = read_list(list_path(data, "train"))
-    dataset = TrainDataset(str(data), names, read_image_labels(str(data), names), crop=args.size,
+    crop = args.crop or args.size
+    dataset = TrainDataset(str(data), names, read_image_labels(str(data), names), crop=crop,
                            resize_long=(args.size * 7 // 8, args.size * 9 // 8), seed=args.seed,
                            jitter_strength=JITTER)
     scenes = dev_split(design, args.dev_images, size=args.size)
     stem = f"{_key(design)}_n{args.train_images}{sized}_e{args.cam_epochs}_lr{args.cam_lr}_s{args.seed}"
     stem += "_head1x" if args.cam_head_lr == "x1" else ""
+    stem += "" if crop == args.size else f"_crop{crop}"
     stem += "" if args.backbone == "resnet38d_tiny_undilated" else f"_{args.backbone}"
     classifier = work / f"cam_{stem}.pth"
     if not classifier.is_file():

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="family: a colour family shares one body texture (docs/SYNTHETIC.md)")
     synth.add_argument("--partless", type=float, default=d.partless,
                        help=f"share of training objects without their part, 0..1 (default {d.partless:g})")
+    synth.add_argument("--part-place", choices=("inside", "end"), default=d.part_place,
+                       help="end: the part at one end of the body, like a head (docs/SYNTHETIC.md)")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
         generate(
             args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
             part_strength=args.part_strength, body_strength=args.body_strength,
-            body_texture=args.body_texture, partless=args.partless,
+            body_texture=args.body_texture, partless=args.partless, part_place=args.part_place,
         )
         print(f"synthetic dataset ({args.layout} layout) written to {args.out}")
     elif args.command == "data" and args.data_command == "coco":

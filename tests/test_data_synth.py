@@ -256,19 +256,18 @@ def test_defaults_are_the_configs() -> None:
         "train": config.train, "val": config.val, "size": config.size, "seed": config.seed,
     }
     options = synth.SynthOptions()
-    assert (options.part_strength, options.body_strength, options.body_texture, options.partless) == (
-        config.part_strength, config.body_strength, config.body_texture, config.partless,
-    )
+    keys = ("part_strength", "body_strength", "body_texture", "partless", "part_place")
+    assert {key: getattr(options, key) for key in keys} == {key: getattr(config, key) for key in keys}
 
 
 def test_a_config_writes_the_same_set_as_its_values(tmp_path: Path) -> None:
-    config = SynthConfig(
-        enabled=True, train=3, val=1, size=48, seed=2, body_strength=0.5, body_texture="family", partless=0.5
-    )
+    config = SynthConfig(enabled=True, train=3, val=1, size=48, seed=2, body_strength=0.5,
+                         body_texture="family", partless=0.5, part_place="end")
     from_config = synth.generate_from_config(tmp_path / "config", config)
     direct = synth.generate(tmp_path / "direct", train=3, val=1, size=48, seed=2, body_strength=0.5,
-                            body_texture="family", partless=0.5)
-    assert from_config["options"] == direct["options"] and from_config["options"]["body_texture"] == "family"
+                            body_texture="family", partless=0.5, part_place="end")
+    assert from_config["options"] == direct["options"]
+    assert (from_config["options"]["body_texture"], from_config["options"]["part_place"]) == ("family", "end")
     assert read_tree(tmp_path / "config") == read_tree(tmp_path / "direct")
 
 

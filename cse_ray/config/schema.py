@@ -39,6 +39,7 @@ class SynthConfig:
     body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
     body_texture: str = field(default="class", metadata=_choices("class", "family"))
     partless: float = field(default=0.0, metadata=_range(0.0, 1.0))  # training objects without a part
+    part_place: str = field(default="inside", metadata=_choices("inside", "end"))  # where a part sits
 
 
 @dataclass(frozen=True)

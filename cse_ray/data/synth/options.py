@@ -1,7 +1,8 @@
 """The synthetic set's design options: what each one means, their ranges, and how to build them.
 
-The four options a config can set (`data.synth.part_strength`, `body_strength`, `body_texture`,
-`partless`) take their defaults from `config.SynthConfig`, the one owner of the synthetic set's defaults.
+The five options a config can set (`data.synth.part_strength`, `body_strength`, `body_texture`,
+`partless`, `part_place`) take their defaults from `config.SynthConfig`, the one owner of the synthetic
+set's defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class SynthOptions:
     part_masks: bool = False
     body_texture: str = SynthConfig.body_texture
     partless: float = SynthConfig.partless
-    part_place: str = "inside"
+    part_place: str = SynthConfig.part_place
 
     def validate(self) -> SynthOptions:
         def bad(key: str, why: str) -> UserError:
