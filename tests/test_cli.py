@@ -60,7 +60,6 @@ def test_synth_writes_the_voc_layout_with_the_requested_counts(synthetic: Path):
     assert max(image.shape[:2]) == 48 and mask.shape == image.shape[:2]
 
 
-
 def test_synth_design_flags_reach_the_set(tmp_path: Path):
     """The design options on the command line are the set's: synth.json records them."""
     out = tmp_path / "voc"
@@ -68,6 +67,7 @@ def test_synth_design_flags_reach_the_set(tmp_path: Path):
                  "--body-texture", "family", "--partless", "0.5", "--part-place", "end"]) == 0
     options = json.loads((out / "synth.json").read_text())["options"]
     assert (options["body_texture"], options["partless"], options["part_place"]) == ("family", 0.5, "end")
+
 
 def test_data_lists_writes_the_lists_and_labels(synthetic: Path, tmp_path: Path, capsys):
     assert main(["data", "lists", "--root", str(synthetic), "--out", str(tmp_path / "lists")]) == 0
