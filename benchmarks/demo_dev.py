@@ -276,8 +276,9 @@ def main() -> None:
         return
     if args.command == "run":
         root = Path(args.run_dir)
-        design = json.loads(args.design) if args.design else _run_synth(root)[1]
-        scenes = dev_split(design, args.dev_images)
+        synth, run_design = _run_synth(root)
+        design = json.loads(args.design) if args.design else run_design
+        scenes = dev_split(design, args.dev_images, size=synth["size"])  # at the run's image size
         classifier = str(root / "train_cam" / "model.pth")
         for name, path in (("ordinary", classifier), ("eraser", root / "train_cse" / "model.pth"),
                            ("control", root / "control" / "train_cse" / "model.pth")):

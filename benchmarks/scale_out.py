@@ -11,10 +11,11 @@ workers; with each worker's own dropout stream (`--dropout-rng worker`) pairs of
 
 What it runs, each step a `cse-ray` command against one Ray cluster (RAY_ADDRESS):
 1. `ray start --head --num-cpus=N` with a temp dir of its own (unless RAY_ADDRESS is set already);
-2. `cse-ray train-cam` with configs/demo.yaml's data at 240 training images, 5 epochs (the classifier);
-3. `cse-ray train-cse` one epoch, global batch 8, against that classifier, with the demo's dropout
-   (0.3 / 0.5) drawn as `--dropout-rng` says (default `sample`; configs/demo.yaml itself keeps
-   `worker`): 1 worker, then N workers with one CPU each, into OUT/<tag><rng>-workers1 and -workersN;
+2. `cse-ray train-cam` with configs/demo_128.yaml's data (128 px scenes) at 240 training images,
+   5 epochs (the classifier);
+3. `cse-ray train-cse` one epoch, global batch 8, against that classifier, with the eraser's dropout
+   (0.3 / 0.5) drawn as `--dropout-rng` says (default `sample`, as in the configs): 1 worker, then N
+   workers with one CPU each, into OUT/<tag><rng>-workers1 and -workersN;
 4. prints mask_mean of both, their ratio, and whether it is within the tolerance (5 %);
 5. with `--dropout-draws K` (only with `--dropout-rng worker`): the 1-worker epoch again K times in this
    process (the same step function, data order, augmentation and mask classes), draw 0 with the
@@ -146,7 +147,7 @@ def dropout_draws(config: str, overrides: list[str], draws: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo_128.yaml"))
     parser.add_argument("--out", default=str(REPO / "runs" / "scale_out"))
     parser.add_argument("--train", type=int, default=240, help="training images (data.synth.train)")
     parser.add_argument("--val", type=int, default=20, help="validation images (data.synth.val)")
