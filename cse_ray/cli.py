@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from cse_ray import __version__
-from cse_ray.errors import UserError
+from cse_ray.errors import RunFailed, UserError
 
 DESCRIPTION = """\
 OC-CSE (class-specific adversarial erasing) for weakly supervised semantic segmentation on Ray:
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"cse-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"cse-ray {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,8 +1,14 @@
-"""The one exception type that means "the user's input is wrong" (exit code 2, no traceback)."""
+"""UserError: the user's input is wrong (exit code 2); RunFailed: a run stopped for a named reason (exit 1).
+Neither prints a traceback."""
 
 
 class UserError(Exception):
     """Bad arguments, config or input files. The message names the key or file and what is wrong."""
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped for a reason it names (a diverged loss, every actor lost): the command prints
+    the message and exits 1 without a traceback, which would only point at the line that raised this."""
 
 
 def short_error(err: BaseException) -> str:

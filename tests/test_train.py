@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 from small_runs import SMALL_TRAINING
 
+from cse_ray.cli import main
 from cse_ray.config import load_config, with_overrides
 from cse_ray.data.voc import read_list
 from cse_ray.models import build_classifier, load_weights
@@ -144,12 +146,16 @@ def test_an_image_without_any_class_stops_train_cse_naming_it(tmp_path: Path) ->
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
-        ray_session, tmp_path: Path, monkeypatch) -> None:
+        ray_session, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv(TEST_NAN_ENV, "2")  # the loss turns NaN at the second step of epoch 2
     out = tmp_path / "run"
-    expected = r"NaN or infinite at step 3 \(epoch 2\).*last good checkpoint \(epoch 1\)"
-    with pytest.raises(RuntimeError, match=expected):
-        train_cam(small_config("train_cam.epochs=3"), str(out))
+    code = main(["train-cam", "--config", str(REPO / "configs" / "smoke.yaml"), "--out", str(out), *SMALL,
+                 "train_cam.epochs=3"])
+    error = capsys.readouterr().err
+    assert code == 1  # a failed run, not bad input (2); the message says why, no traceback
+    assert re.search(r"cse-ray train-cam: failed: train_cam: the loss became NaN or infinite at step 3 "
+                     r"\(epoch 2\).*last good checkpoint \(epoch 1\); rerun with a lower train_cam.lr", error)
+    assert "Traceback" not in error
     assert json.loads((out / "train_cam" / "latest.json").read_text()) == {"epoch": 1}
     assert not (out / "train_cam" / "result.json").exists()
     model = build_classifier("resnet38d_tiny")

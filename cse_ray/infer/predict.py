@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, CrfConfig
-from cse_ray.errors import UserError, short_error
+from cse_ray.errors import RunFailed, UserError, short_error
 from cse_ray.infer.manifest import LabelMapSummary, Manifest
 from cse_ray.infer.plan import check_settings
 from cse_ray.infer.pool import run_on_actors
@@ -312,7 +312,7 @@ def run_predict(cfg: Config, out: str, checkpoint: str, *, images: str | None = 
     try:
         left = run_on_actors(actors, todo, submit, collect, p.max_in_flight)
         if left:
-            raise RuntimeError(f"every predict actor died; {left} images were not processed "
+            raise RunFailed(f"every predict actor died; {left} images were not processed "
                                "(rerun to resume)")
     finally:
         bar.close()

@@ -25,7 +25,7 @@ import numpy as np
 from cse_ray import artifacts
 from cse_ray.config import Config, save_run_config, with_absolute_paths
 from cse_ray.crf import CrfResult
-from cse_ray.errors import short_error
+from cse_ray.errors import RunFailed, short_error
 from cse_ray.infer.manifest import PSEUDO_FIELDS, Listing, Manifest
 from cse_ray.infer.plan import Plan, prepare
 from cse_ray.infer.pseudo import write_pseudo_labels
@@ -179,7 +179,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
                     since_write = 0
         if not exhausted:
             left = len(todo) - len(done_rows) - len(errors)
-            raise RuntimeError(f"every CAM actor died; {left} images were not processed (rerun to resume)")
+            raise RunFailed(f"every CAM actor died; {left} images were not processed (rerun to resume)")
     finally:
         bar.close()
         manifest.write()

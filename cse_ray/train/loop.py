@@ -233,7 +233,8 @@ def stop_diverged(run: WorkerRun, epoch: int, step: int) -> None:
     if run.rank == 0:
         message = (
             f"{run.stage}: the loss became NaN or infinite at step {step} (epoch {epoch + 1}); "
-            f"stopped, keeping the last good checkpoint (epoch {run.state.epoch})"
+            f"stopped, keeping the last good checkpoint (epoch {run.state.epoch}); rerun with a lower "
+            f"{run.stage}.lr to resume from it"
         )
         artifacts.write_json(run.paths.failed, {"message": message})
     ray.train.report({"epoch": epoch + 1, "nonfinite": 1.0}, checkpoint=None)

@@ -21,7 +21,7 @@ from cse_ray.config import (
     with_overrides,
 )
 from cse_ray.data.prepare import Split, load_split, resolve_data_root
-from cse_ray.errors import UserError
+from cse_ray.errors import RunFailed, UserError
 from cse_ray.layout import RunLayout, StageLayout
 from cse_ray.models import check_backbone, check_segmenter
 from cse_ray.train.affinity import check_confident_labels, init_checkpoint, train_aff_loop_per_worker
@@ -202,7 +202,7 @@ def fit_stage(stage: str, cfg: Config, out: str, callbacks: tuple = (),
           f"{len(inputs.train.names)} training images, {scfg.epochs} epochs")
     trainer.fit()
     if artifacts.exists(paths.failed):
-        raise RuntimeError(artifacts.read_json(paths.failed)["message"])
+        raise RunFailed(artifacts.read_json(paths.failed)["message"])
     summary = artifacts.read_json(paths.result)
     threshold = summary["best_threshold"]
     print(

@@ -34,7 +34,7 @@ from typing import Any
 
 from cse_ray import artifacts
 from cse_ray.config import Config, dump_yaml, save_run_config, to_dict, with_absolute_paths, with_overrides
-from cse_ray.errors import UserError
+from cse_ray.errors import RunFailed, UserError
 from cse_ray.layout import RunLayout
 from cse_ray.tune.results import METRIC, TIME_ATTR, TuneSummary, summary_table, trial_rows, trials_table
 from cse_ray.tune.space import SpaceEntry, domain, parse_space
@@ -101,7 +101,7 @@ def run_tune(cfg: Config, out: str) -> TuneSummary:
               and artifacts.exists(r["checkpoint"])]
     if not ranked:
         print(summary_table(rows, space, None))
-        raise RuntimeError(f"tune: no trial produced a checkpoint; see {layout.trials_table}")
+        raise RunFailed(f"tune: no trial produced a checkpoint; see {layout.trials_table}")
     best = max(ranked, key=lambda r: r["best_val_miou"])  # ties: the first trial
     best_cfg = with_overrides(shared, best["params"])
     print(f"tune: best trial {best['trial_id']} (val mIoU {best['best_val_miou']:.2f}); post-hoc search "
