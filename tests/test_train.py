@@ -154,7 +154,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     error = capsys.readouterr().err
     assert code == 1  # a failed run, not bad input (2); the message says why, no traceback
     assert re.search(r"cse-ray train-cam: failed: train_cam: the loss became NaN or infinite at step 3 "
-                     r"\(epoch 2\).*last good checkpoint \(epoch 1\); rerun with a lower train_cam.lr", error)
+                     r"\(epoch 2\).*last good checkpoint \(epoch 1\); rerun with a lower "
+                     r"train_cam\.lr", error)
     assert "Traceback" not in error
     assert json.loads((out / "train_cam" / "latest.json").read_text()) == {"epoch": 1}
     assert not (out / "train_cam" / "result.json").exists()

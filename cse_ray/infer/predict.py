@@ -313,7 +313,7 @@ def run_predict(cfg: Config, out: str, checkpoint: str, *, images: str | None = 
         left = run_on_actors(actors, todo, submit, collect, p.max_in_flight)
         if left:
             raise RunFailed(f"every predict actor died; {left} images were not processed "
-                               "(rerun to resume)")
+                            "(rerun to resume)")
     finally:
         bar.close()
         manifest.write()
