@@ -15,7 +15,8 @@ the run's design options, rendered in memory with its part map (`part_masks`) an
 parts painted as body (`hide_parts`), JPEG-encoded like the files. So settings can be chosen on it
 without looking at the validation ground truth that the demo reports. Per network, one JSON line:
 
-  miou, t        CAM mIoU (scale 1.0, thresholds 0.05..0.95) and its threshold, on the dev split
+  miou, t        CAM mIoU (scale 1.0 + flip, or --scales; thresholds 0.05..0.95) and its threshold,
+                 on the dev split
   part, body     mean max-normalised CAM of the present class on its part pixels / on the rest of the
                  object; far: on the half of the body farthest from the part; bodycov: share of body
                  pixels above 0.5
@@ -105,7 +106,8 @@ def _far_half(part: np.ndarray, body: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone: str) -> dict:
+def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone: str,
+            scales: tuple[float, ...] = (1.0,)) -> dict:
     """The JSON line of the module docstring for one network, against the ordinary classifier."""
     model, classifier = _load(model_path, backbone), _load(classifier_path, backbone)
     sweep = ConfusionSweep(THRESHOLDS, keep_per_image=False)
@@ -114,7 +116,7 @@ def measure(model_path: str, scenes: list[dict], classifier_path: str, backbone:
         "mask_bg", "p_before", "p_after_erase")}
     for scene in scenes:
         gt, parts = scene["gt"], scene["parts"]
-        cams, classes = multiscale_cam(model, scene["image"], scene["label"], (1.0,))
+        cams, classes = multiscale_cam(model, scene["image"], scene["label"], scales)
         sweep.add_cams(cams, classes, gt)
         x = _tensor(scene["image"])
         zeroed = x * torch.from_numpy(parts == 0).float()
@@ -245,6 +247,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dev-images", type=int, default=200)
     parser.add_argument("--backbone", default="resnet38d_tiny_undilated")
+    parser.add_argument("--scales", default="1.0", help="comma-separated CAM scales (+ flips) of the "
+                        "miou column; the other columns are measured at scale 1")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure a finished pipeline run's networks")
     run.add_argument("run_dir")
@@ -269,6 +273,7 @@ def main() -> None:
                     "eraser's (or the ordinary one's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    scales = tuple(float(s) for s in args.scales.split(","))
 
     if args.command == "gain":
         for baseline, line in cam_gain_by_region(Path(args.run_dir)).items():
@@ -283,7 +288,8 @@ def main() -> None:
         for name, path in (("ordinary", classifier), ("eraser", root / "train_cse" / "model.pth"),
                            ("control", root / "control" / "train_cse" / "model.pth")):
             if Path(path).is_file():
-                print(name, json.dumps(measure(str(path), scenes, classifier, args.backbone)), flush=True)
+                line = json.dumps(measure(str(path), scenes, classifier, args.backbone, scales))
+                print(name, line, flush=True)
         return
 
     design = json.loads(args.design)
@@ -305,7 +311,7 @@ def main() -> None:
     if not classifier.is_file():
         train(dataset, args.backbone, args.cam_epochs, args.cam_lr, args.seed, classifier,
               head_lr=args.cam_head_lr)
-    ordinary = measure(str(classifier), scenes, str(classifier), args.backbone)
+    ordinary = measure(str(classifier), scenes, str(classifier), args.backbone, scales)
     print("ordinary", json.dumps(ordinary), flush=True)
     networks = {"ordinary": str(classifier)}
     for spec in args.cse:
@@ -317,7 +323,7 @@ def main() -> None:
             train(dataset, args.backbone, epochs, lr, args.seed, eraser, str(classifier), weight,
                   given.get("norm", "batch"))
         for epoch in range(1, epochs + 1):
-            line = json.dumps(measure(f"{eraser}.ep{epoch}", scenes, str(classifier), args.backbone))
+            line = json.dumps(measure(f"{eraser}.ep{epoch}", scenes, str(classifier), args.backbone, scales))
             print(f"eraser {spec} epoch {epoch}", line, flush=True)
         networks[spec] = str(eraser)
     if args.sheet:
