@@ -51,6 +51,7 @@ CONFIG_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from cse_ray.config import SynthConfig
+    from cse_ray.config.schema import SYNTH_BODY_TEXTURES, SYNTH_PART_PLACES
     from cse_ray.data.coco_convert import DEFAULT_CHUNK
     from cse_ray.labels import LABEL_SPACES
 
@@ -73,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"salience of the part, 0..1 (default {d.part_strength:g})")
     synth.add_argument("--body-strength", type=float, default=d.body_strength,
                        help=f"salience of the body, 0..1 (default {d.body_strength:g})")
-    synth.add_argument("--body-texture", choices=("class", "family"), default=d.body_texture,
+    synth.add_argument("--body-texture", choices=SYNTH_BODY_TEXTURES, default=d.body_texture,
                        help="family: a colour family shares one body texture (docs/SYNTHETIC.md)")
     synth.add_argument("--partless", type=float, default=d.partless,
                        help=f"share of training objects without their part, 0..1 (default {d.partless:g})")
-    synth.add_argument("--part-place", choices=("inside", "end"), default=d.part_place,
+    synth.add_argument("--part-place", choices=SYNTH_PART_PLACES, default=d.part_place,
                        help="end: the part at one end of the body, like a head (docs/SYNTHETIC.md)")
 
     data = sub.add_parser("data", help="dataset utilities")

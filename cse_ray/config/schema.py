@@ -26,6 +26,12 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+# The synthetic set's two categorical design options (docs/SYNTHETIC.md); the CLI and the generator
+# take their choices from here.
+SYNTH_BODY_TEXTURES = ("class", "family")  # a body's texture: its class's own, or its colour family's
+SYNTH_PART_PLACES = ("inside", "end")  # a part: anywhere inside the body, or at one end (a head)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """The embedded synthetic dataset (`cse-ray synth`); generated into `data.root` when enabled."""
@@ -37,9 +43,9 @@ class SynthConfig:
     seed: int = field(default=0, metadata=_range(0))
     part_strength: float = field(default=1.0, metadata=_range(0.0, 1.0))
     body_strength: float = field(default=0.8, metadata=_range(0.0, 1.0))
-    body_texture: str = field(default="class", metadata=_choices("class", "family"))
+    body_texture: str = field(default="class", metadata=_choices(*SYNTH_BODY_TEXTURES))
     partless: float = field(default=0.0, metadata=_range(0.0, 1.0))  # training objects without a part
-    part_place: str = field(default="inside", metadata=_choices("inside", "end"))  # where a part sits
+    part_place: str = field(default="inside", metadata=_choices(*SYNTH_PART_PLACES))  # where a part sits
 
 
 @dataclass(frozen=True)

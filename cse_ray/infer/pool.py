@@ -11,6 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from cse_ray.errors import RunFailed
+
+
+def actors_lost(kind: str, left: int) -> RunFailed:
+    """The one message for a stage whose actors all died for good: what was left, and that a rerun
+    resumes it."""
+    return RunFailed(f"every {kind} actor died; {left} images were not processed (rerun to resume)")
+
 
 def run_on_actors(actors: Sequence[Any], items: Iterable[Any], submit: Callable[[Any, Any], Any],
                   collect: Callable[[Any, int, Any], bool], max_in_flight: int) -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, CrfConfig
-from cse_ray.errors import RunFailed, UserError, short_error
+from cse_ray.errors import UserError, short_error
 from cse_ray.infer.manifest import LabelMapSummary, Manifest
 from cse_ray.infer.plan import check_settings
-from cse_ray.infer.pool import run_on_actors
+from cse_ray.infer.pool import actors_lost, run_on_actors
 from cse_ray.infer.workers import TEST_KILL_ENV, scheduling_options
 from cse_ray.layout import PredictLayout
 
@@ -312,8 +312,7 @@ def run_predict(cfg: Config, out: str, checkpoint: str, *, images: str | None = 
     try:
         left = run_on_actors(actors, todo, submit, collect, p.max_in_flight)
         if left:
-            raise RunFailed(f"every predict actor died; {left} images were not processed "
-                            "(rerun to resume)")
+            raise actors_lost("predict", left)
     finally:
         bar.close()
         manifest.write()

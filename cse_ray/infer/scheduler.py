@@ -25,9 +25,10 @@ import numpy as np
 from cse_ray import artifacts
 from cse_ray.config import Config, save_run_config, with_absolute_paths
 from cse_ray.crf import CrfResult
-from cse_ray.errors import RunFailed, short_error
+from cse_ray.errors import short_error
 from cse_ray.infer.manifest import PSEUDO_FIELDS, Listing, Manifest
 from cse_ray.infer.plan import Plan, prepare
+from cse_ray.infer.pool import actors_lost
 from cse_ray.infer.pseudo import write_pseudo_labels
 from cse_ray.infer.workers import TEST_KILL_ENV, CamWorker, check_cluster, crf_on_payload, scheduling_options
 from cse_ray.layout import RunLayout
@@ -179,7 +180,7 @@ def run_infer(cfg: Config, out: str, checkpoint: str | None = None, list_name: s
                     since_write = 0
         if not exhausted:
             left = len(todo) - len(done_rows) - len(errors)
-            raise RunFailed(f"every CAM actor died; {left} images were not processed (rerun to resume)")
+            raise actors_lost("CAM", left)
     finally:
         bar.close()
         manifest.write()

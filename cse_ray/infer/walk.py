@@ -21,10 +21,10 @@ from pathlib import Path
 
 from cse_ray import artifacts
 from cse_ray.config import Config, with_absolute_paths
-from cse_ray.errors import RunFailed, UserError, short_error
+from cse_ray.errors import UserError, short_error
 from cse_ray.infer.manifest import LabelMapSummary, Listing, Manifest
 from cse_ray.infer.plan import check_settings
-from cse_ray.infer.pool import run_on_actors
+from cse_ray.infer.pool import actors_lost, run_on_actors
 from cse_ray.infer.workers import TEST_KILL_ENV
 from cse_ray.layout import InferLayout, RunLayout
 
@@ -224,7 +224,7 @@ def run_rw(cfg: Config, out: str, checkpoint: str | None = None, list_name: str 
         left = run_on_actors(actors, todo, lambda actor, name: actor.process.remote(name), collect,
                              r.max_in_flight)
         if left:
-            raise RunFailed(f"every RW actor died; {left} images were not processed (rerun to resume)")
+            raise actors_lost("RW", left)
     finally:
         bar.close()
         manifest.write()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cse_ray.config.schema import SYNTH_BODY_TEXTURES
 from cse_ray.labels import VOC
 
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "blob", "cross")
 TEXTURES = ("plain", "stripes", "dots", "checker")
-BODY_TEXTURES = ("class", "family")
+BODY_TEXTURES = SYNTH_BODY_TEXTURES
 # Approximate area of each shape in units of (half-length a) * (half-width b); sizes the part.
 SHAPE_AREA = {
     "ellipse": math.pi,

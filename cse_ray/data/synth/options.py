@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from cse_ray.config import SynthConfig
+from cse_ray.config.schema import SYNTH_PART_PLACES
 from cse_ray.data.synth.looks import BODY_TEXTURES
 from cse_ray.errors import UserError
 
-PART_PLACES = ("inside", "end")
+PART_PLACES = SYNTH_PART_PLACES
 
 
 @dataclass(frozen=True)
