@@ -10,11 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from cse_ray.config import SynthConfig
-from cse_ray.config.schema import SYNTH_PART_PLACES
-from cse_ray.data.synth.looks import BODY_TEXTURES
+from cse_ray.config.schema import SYNTH_BODY_TEXTURES, SYNTH_PART_PLACES
 from cse_ray.errors import UserError
-
-PART_PLACES = SYNTH_PART_PLACES
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,10 @@ class SynthOptions:
             raise bad("ignore_width", "must lie in 0..8")
         if not 0.0 <= self.partless <= 1.0:
             raise bad("partless", "must lie in [0, 1]")
-        if self.part_place not in PART_PLACES:
-            raise bad("part_place", f"must be one of {', '.join(PART_PLACES)}")
-        if self.body_texture not in BODY_TEXTURES:
-            raise bad("body_texture", f"must be one of {', '.join(BODY_TEXTURES)}")
+        if self.part_place not in SYNTH_PART_PLACES:
+            raise bad("part_place", f"must be one of {', '.join(SYNTH_PART_PLACES)}")
+        if self.body_texture not in SYNTH_BODY_TEXTURES:
+            raise bad("body_texture", f"must be one of {', '.join(SYNTH_BODY_TEXTURES)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise bad("jpeg_quality", "must lie in 1..100")
         return self
