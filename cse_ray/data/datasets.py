@@ -97,6 +97,46 @@ class TrainDataset(Dataset):
         return torch.from_numpy(chw), torch.from_numpy(self.labels[name].copy())
 
 
+class LabelMapCrops(Dataset):
+    """(image 3 x crop x crop, target, index): an image and its label map augmented together.
+
+    Long-side resize, flip, colour jitter of the image, one crop with label padding 255
+    (`transforms.augment_with_label`); item i of epoch e draws from the rng (seed, e, i), as in
+    `TrainDataset`. Subclasses say where the label map comes from (`read_label`) and what the network
+    learns from the cropped one (`target`); AffinityNet's stride-8 labels and the segmentation
+    network's full-size ones are two such.
+    """
+
+    def __init__(self, root: str | os.PathLike, names: Sequence[str], crop: int,
+                 resize_long: tuple[int, int], jitter: dict[str, float], seed: int) -> None:
+        self.root, self.names = root, list(names)
+        self.crop, self.resize_long, self.jitter, self.seed = crop, resize_long, jitter, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read_label(self, name: str, hw: tuple[int, int]) -> np.ndarray:
+        """The uint8 H x W label map of image `name` (of size `hw`)."""
+        raise NotImplementedError
+
+    def target(self, label: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        """What the network learns from the cropped label (`valid`: the crop's pixels inside the image)."""
+        return torch.from_numpy(label)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        name = self.names[index]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        image = read_image(image_path(self.root, name))
+        label = self.read_label(name, image.shape[:2])
+        image, label, valid = transforms.augment_with_label(image, label, rng, self.crop, self.resize_long,
+                                                            self.jitter)
+        return torch.from_numpy(transforms.to_chw(image)), self.target(label, valid), index
+
+
 class ImageDataset(Dataset):
     """Un-augmented images for inference and validation: dicts {"name", "image" uint8 HxWx3, "label"}.
 

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from cse_ray import artifacts
 from cse_ray.config import Config, from_dict
+from cse_ray.data.datasets import LabelMapCrops
 from cse_ray.data.prepare import Split
 from cse_ray.errors import UserError
 from cse_ray.layout import InferLayout, RunLayout
@@ -63,36 +63,24 @@ def check_confident_labels(out: str, names: Sequence[str]) -> None:
                         "training images lack one); run cse-ray aff-labels with the same --out first")
 
 
-class AffinityDataset(Dataset):
+class AffinityDataset(LabelMapCrops):
     """(image 3 x crop x crop, stride-8 confident label, index); item i of epoch e from rng (seed, e, i)."""
 
     def __init__(self, root: str, names: Sequence[str], labels: InferLayout, crop: int,
                  resize_long: tuple[int, int], jitter: dict[str, float], seed: int) -> None:
-        self.root, self.names, self.labels = root, list(names), labels
-        self.crop, self.resize_long, self.jitter, self.seed = crop, resize_long, jitter, seed
-        self.epoch = 0
+        super().__init__(root, names, crop, resize_long, jitter, seed)
+        self.labels = labels
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def read_label(self, name: str, hw: tuple[int, int]) -> np.ndarray:
+        from cse_ray.formats import read_label_png
 
-    def __len__(self) -> int:
-        return len(self.names)
+        return read_label_png(self.labels.confident(name), expected_hw=hw, what="confident label")
 
-    def __getitem__(self, index: int):
+    def target(self, label: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         from cse_ray.affinity_loss import downsample_labels
-        from cse_ray.data import transforms as t
-        from cse_ray.data.voc import image_path
-        from cse_ray.formats import read_image, read_label_png
 
-        name = self.names[index]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        image = read_image(image_path(self.root, name))
-        label = read_label_png(self.labels.confident(name), expected_hw=image.shape[:2],
-                               what="confident label")
-        image, label, valid = t.augment_with_label(image, label, rng, self.crop, self.resize_long,
-                                                   self.jitter)
         # The padding's label is 255 and its pixels vote for nothing in `downsample_labels`.
-        return torch.from_numpy(t.to_chw(image)), downsample_labels(label, valid=valid), index
+        return downsample_labels(label, valid=valid)
 
 
 def affinity_losses(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

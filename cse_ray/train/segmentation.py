@@ -24,9 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from cse_ray.config import Config, from_dict
+from cse_ray.data.datasets import LabelMapCrops
 from cse_ray.data.prepare import Split
 from cse_ray.labels import LabelSpace
 from cse_ray.train.epoch import run_epoch
@@ -42,32 +42,16 @@ from cse_ray.train.loop import (
 from cse_ray.train.segmentation_plan import SegInputs, SegLabels, read_seg_label
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(LabelMapCrops):
     """(image 3 x crop x crop, label crop x crop uint8 with 255 = ignore or padding, index)."""
 
     def __init__(self, root: str, names: Sequence[str], labels: SegLabels, space: LabelSpace, crop: int,
                  resize_long: tuple[int, int], jitter: dict[str, float], seed: int) -> None:
-        self.root, self.names, self.labels, self.space = root, list(names), labels, space
-        self.crop, self.resize_long, self.jitter, self.seed = crop, resize_long, jitter, seed
-        self.epoch = 0
+        super().__init__(root, names, crop, resize_long, jitter, seed)
+        self.labels, self.space = labels, space
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int):
-        from cse_ray.data import transforms as t
-        from cse_ray.data.voc import image_path
-        from cse_ray.formats import read_image
-
-        name = self.names[index]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        image = read_image(image_path(self.root, name))
-        label = read_seg_label(self.labels, name, image.shape[:2], self.space)
-        image, label, _ = t.augment_with_label(image, label, rng, self.crop, self.resize_long, self.jitter)
-        return torch.from_numpy(t.to_chw(image)), torch.from_numpy(label), index
+    def read_label(self, name: str, hw: tuple[int, int]) -> np.ndarray:
+        return read_seg_label(self.labels, name, hw, self.space)
 
 
 def validate_segmentation(model, val: Split, cfg: Config, device, rank: int, world: int) -> float:
