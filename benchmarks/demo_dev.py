@@ -254,7 +254,8 @@ def main() -> None:
     run.add_argument("run_dir")
     run.add_argument("--design", default=None, help="JSON design options (default: the run's data.synth)")
     gain = sub.add_parser("gain", help="where a finished run's OC-CSE CAM differs from the control's and "
-                          "the ordinary one's, by region, on the run's own validation images")
+                          "the ordinary one's, by region, on the run's own validation images (its stored "
+                          "CAMs, at the run's infer.scales: --scales does not apply)")
     gain.add_argument("run_dir")
     tr = sub.add_parser("train", help="train a classifier and erasers here, then measure them")
     tr.add_argument("--design", default='{"body_texture": "family"}')
@@ -276,6 +277,8 @@ def main() -> None:
     scales = tuple(float(s) for s in args.scales.split(","))
 
     if args.command == "gain":
+        if scales != (1.0,):
+            parser.error("gain reads the run's stored CAMs (computed at its infer.scales); drop --scales")
         for baseline, line in cam_gain_by_region(Path(args.run_dir)).items():
             print(f"OC-CSE - {baseline}", json.dumps(line), flush=True)
         return
