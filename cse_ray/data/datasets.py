@@ -34,6 +34,11 @@ def _checked_labels(
     return checked
 
 
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation rng of item `index` in `epoch`: the same draws on any number of workers."""
+    return np.random.default_rng([seed, epoch, int(index)])
+
+
 class TrainDataset(Dataset):
     """Augmented training crops: random long-side resize, flip, colour jitter, normalise, crop with zero pad.
 
@@ -77,7 +82,7 @@ class TrainDataset(Dataset):
         return len(self.names)
 
     def rng_for(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+        return sample_rng(self.seed, self.epoch, index)
 
     def augment(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """uint8 HxWx3 -> float32 3 x crop x crop, the METHOD.md order of operations."""
@@ -129,7 +134,7 @@ class LabelMapCrops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         name = self.names[index]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        rng = sample_rng(self.seed, self.epoch, index)
         image = read_image(image_path(self.root, name))
         label = self.read_label(name, image.shape[:2])
         image, label, valid = transforms.augment_with_label(image, label, rng, self.crop, self.resize_long,
